@@ -1,0 +1,124 @@
+"""The ``moral`` command line: refresh, versions, ask.
+
+Heavy imports (Prefect, torch, Chroma) happen inside the subcommands, so ``moral --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from storage.settings import apply_runtime_env
+
+
+def _print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from flows.params import RefreshParams
+    from flows.refresh import run_refresh
+
+    params = RefreshParams(source=args.source, until=args.until)
+    summary = run_refresh(params, quiet=args.json)
+    if args.json:
+        _print_json(summary)
+    else:
+        from flows.report import summary_text
+
+        print(summary_text(summary))
+    return 0 if summary.get("status") == "completed" else 1
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from storage.registry import Registry, format_version
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    registry = Registry(settings.registry_path)
+    versions = registry.list_versions() if settings.registry_path.exists() else []
+    rows = [
+        {
+            "version": format_version(v["version"]),
+            "status": v["status"],
+            "is_champion": v["is_champion"],
+            "created_at": v["created_at"],
+            "kind": v.get("kind"),
+            "parent_version": format_version(v["parent_version"]) if v.get("parent_version") else None,
+            "metrics": v.get("metrics") or {},
+            "decision_reasons": v.get("decision_reasons") or [],
+        }
+        for v in versions
+    ]
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no adapter versions yet: run `moral refresh`")
+        return 0
+    for r in rows:
+        star = "*" if r["is_champion"] else " "
+        print(f"{star} {r['version']:>4}  {r['status']:<9}  {str(r['created_at'])[:19]}  {r['kind'] or ''}")
+        for reason in r["decision_reasons"]:
+            print(f"        {reason}")
+    print("(* = champion)")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from flows.serve_model import answer_question
+
+    result = answer_question(args.question, version=args.version, open_book=args.open_book)
+    if args.json:
+        _print_json(result)
+    else:
+        print(result["answer"])
+        who = result["version"] or "base model (no champion yet)"
+        print(f"-- answered by {who}" + (f"; context from {len(result['sources'])} passages" if args.open_book else ""),
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moral", description="MoRAL Refresh: keep a language model's knowledge current.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("refresh", help="run one knowledge refresh (ingest -> QA -> index -> train -> evaluate -> promote)")
+    p.add_argument("--source", default="examples/docs", help="folder of documents (default: examples/docs)")
+    p.add_argument("--until", choices=["ingest", "qa", "index", "train", "evaluate"], help="stop after this stage")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+    p.set_defaults(func=cmd_refresh)
+
+    p = sub.add_parser("versions", help="list adapter versions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("ask", help="answer a question with the champion adapter (base model when none)")
+    p.add_argument("question")
+    p.add_argument("--open-book", action="store_true", help="retrieve passages from the index into the prompt")
+    p.add_argument("--version", help="answer with this version (3 or v3) instead of the champion")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ask)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    apply_runtime_env()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for expected failures; tracebacks with MORAL_DEBUG=1
+        import os
+
+        if os.environ.get("MORAL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The ``knowledge-refresh`` flow: documents in, a gated adapter version out.
+
+The flow body is the DAG and nothing else: ingest -> generate QA -> dedup+index -> train ->
+evaluate -> promote, each a Prefect task over a plain stage function.  ``until`` stops after a
+stage; a later run picks up from there because every stage only does what the registry says is
+still to do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow
+
+from flows.params import RefreshParams
+from storage.registry import Registry
+from storage.settings import Settings, get_settings
+from tasks import prefect_tasks as t
+
+
+def settings_for(params: RefreshParams, base: Settings | None = None) -> Settings:
+    """The process settings with this run's parameter overrides applied (and validated)."""
+    base = base or get_settings()
+    overrides = params.overrides()
+    if not overrides:
+        return base
+    return Settings(**{**base.model_dump(), **overrides})
+
+
+def _flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # outside a flow run
+        return None
+
+
+@flow(name="knowledge-refresh", description="Ingest new documents, generate QA, index, train, evaluate, promote.")
+def knowledge_refresh(params: RefreshParams = RefreshParams()) -> dict:  # noqa: B008 - pydantic defaults are immutable here
+    """One knowledge refresh. Returns the run summary (also stored with the run in the registry)."""
+    started = time.perf_counter()
+    settings = settings_for(params)
+    settings.ensure_dirs()
+    reg = Registry.from_settings(settings)
+    run_id = reg.start_run(params.model_dump(), flow_run_id=_flow_run_id())
+    summary: dict = {"run_id": run_id, "status": "running", "version": None, "decision": "skipped", "reasons": []}
+    try:
+        ing = t.ingest(settings, Path(params.source), run_id)
+        summary.update(_ingest_fields(ing))
+        if params.until == "ingest":
+            return _finish(reg, summary, started, stopped="ingest")
+        qa = t.generate_qa(settings, run_id)
+        summary.update(_qa_fields(qa))
+        if params.until == "qa":
+            return _finish(reg, summary, started, stopped="qa")
+        idx = t.dedup_and_index(settings, run_id)
+        summary.update(qa_duplicates=idx.qa_duplicates, qa_indexed=idx.qa_indexed, chunks_indexed=idx.chunks_indexed)
+        if params.until == "index":
+            return _finish(reg, summary, started, stopped="index")
+        tr = t.train(settings, run_id)
+        summary["train"] = asdict(tr)
+        if tr.version is None:
+            summary["reasons"] = [tr.reason or "nothing to train"]
+            return _finish(reg, summary, started)
+        summary["version"] = f"v{tr.version}"
+        if params.until == "train":
+            return _finish(reg, summary, started, stopped="train")
+        ev = t.evaluate(settings, run_id, tr.version)
+        summary["evaluation"] = {"sizes": ev.sizes, "means": ev.means}
+        if params.until == "evaluate":
+            return _finish(reg, summary, started, stopped="evaluate")
+        pr = t.promote(settings, run_id, tr.version)
+        summary.update(decision=pr.decision, reasons=pr.reasons)
+        return _finish(reg, summary, started)
+    except BaseException as exc:
+        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        reg.finish_run(run_id, "failed", summary)
+        raise
+
+
+def _ingest_fields(ing) -> dict:
+    return {
+        "documents_new": len(ing.documents_new),
+        "documents_unchanged": ing.documents_unchanged,
+        "documents_renamed": len(ing.documents_renamed),
+        "documents_retired": len(ing.documents_retired),
+        "documents_quarantined": ing.documents_quarantined,
+        "chunks": ing.chunks_added,
+    }
+
+
+def _qa_fields(qa) -> dict:
+    return {
+        "qa_generated": qa.qa_generated,
+        "qa_rejected": qa.qa_rejected,
+        "qa_failed": len(qa.qa_failed),
+        "qa_failures": qa.qa_failed,
+        "qa_left_for_next_run": qa.skipped_by_cap,
+        "llm_calls": qa.llm_calls,
+        "llm_tokens": qa.llm_tokens,
+        "llm_cache_hits": qa.cache_hits,
+    }
+
+
+def _finish(reg: Registry, summary: dict, started: float, stopped: str | None = None) -> dict:
+    if stopped is not None:
+        summary["decision"] = "skipped"
+        summary["reasons"] = [f"stopped after {stopped}"]
+        summary["stopped_after"] = stopped
+    summary["status"] = "completed"
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    reg.finish_run(summary["run_id"], "completed", summary)
+    return summary
+
+
+EMPTY_FIELDS = {
+    "documents_new": 0, "documents_unchanged": 0, "documents_renamed": 0, "documents_retired": 0,
+    "documents_quarantined": [], "chunks": 0, "qa_generated": 0, "qa_rejected": 0, "qa_failed": 0,
+    "qa_duplicates": 0, "qa_indexed": 0, "llm_calls": 0, "llm_tokens": 0,
+}  # fmt: skip
+
+
+def run_refresh(params: RefreshParams, quiet: bool = False) -> dict:
+    """Run the flow in this process (Prefect's local mode unless PREFECT_API_URL points at a server)."""
+    import logging
+    import os
+
+    if quiet:
+        # --json: stdout carries the summary alone; Prefect's console logs go quiet.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+    summary = knowledge_refresh(params)
+    return {**EMPTY_FIELDS, **summary}

@@ -1,0 +1,276 @@
+"""Prompt formatting, batched greedy generation and teacher-forced scoring.
+
+Every function here takes (model, tokenizer, data) and never a path (nanochat's loss_eval style), so the same
+code scores the base model, a peft LoRA and a MoRALModel. The prompt helpers are shared with `moe.train` so
+that training and evaluation see byte-identical prompts.
+
+Padding is done by hand: left padding for generation (new tokens must follow the prompt directly), right
+padding for scoring; the tokenizer's `padding_side` is never read or changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+OPEN_BOOK_INSTRUCTION = "Answer the question using only the passages below."
+Context = str | Sequence[str] | None
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def build_messages(question: str, context: Context = None, system: str | None = None) -> list[dict]:
+    """Chat messages for one question. Open-book puts the passages before the question."""
+    user = question.strip()
+    if context is not None and not isinstance(context, str):
+        context = "\n\n".join(f"[{i + 1}] {p.strip()}" for i, p in enumerate(context))
+    if context:
+        user = f"{OPEN_BOOK_INSTRUCTION}\n\n{context.strip()}\n\nQuestion: {user}"
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": user}]
+
+
+def build_prompt(tokenizer, question: str, context: Context = None, system: str | None = None) -> str:
+    """The chat-template prompt (ending with the assistant header) the model answers from."""
+    messages = build_messages(question, context, system)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of all special tokens, including added special tokens such as <|im_end|> or <|eot_id|>."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if getattr(tok, "special", False))
+    return ids
+
+
+def completion_text(tokenizer, prompt: str, messages: list[dict], answer: str) -> str:
+    """What the template appends after `prompt` for an assistant turn `answer` (answer + end-of-turn ...).
+
+    Normally the full conversation starts with the generation prompt and the difference is the completion.
+    Templates that rewrite earlier turns once an assistant reply follows break that prefix property; then
+    fall back to answer + eos, which is what generation stops on anyway.
+    """
+    full = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False
+    )
+    if full.startswith(prompt) and len(full) > len(prompt):
+        return full[len(prompt) :]
+    return answer + (tokenizer.eos_token or "")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: eos plus the template's end-of-turn marker."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    messages = build_messages("q")
+    comp = completion_text(tokenizer, build_prompt(tokenizer, "q"), messages, "a")
+    specials = special_ids(tokenizer)
+    for tok in tokenizer(comp, add_special_tokens=False)["input_ids"]:
+        if tok in specials:
+            if tok not in ids:
+                ids.append(tok)
+            break
+    return ids
+
+
+def encode_chat(
+    tokenizer,
+    question: str,
+    answer: str,
+    context: Context = None,
+    system: str | None = None,
+    include_eot: bool = True,
+) -> tuple[list[int], list[int], int]:
+    """(prompt_ids, completion_ids, n_target) for one chat QA pair.
+
+    Prompt and completion are tokenised separately, exactly as generation sees them (prompt ids, then new
+    tokens). The first `n_target` completion tokens are the answer, plus the end-of-turn token when
+    `include_eot` (training on it teaches the model to stop); anything after it (e.g. a newline) is not.
+    """
+    messages = build_messages(question, context, system)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    comp = completion_text(tokenizer, prompt, messages, answer.strip())
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    comp_ids = tokenizer(comp, add_special_tokens=False)["input_ids"]
+    specials = special_ids(tokenizer)
+    eot = next((i for i, t in enumerate(comp_ids) if t in specials), None)
+    if eot is None:  # no special marker: the whole completion is the target
+        n_target = len(comp_ids)
+    else:
+        n_target = eot + 1 if include_eot else eot
+    return prompt_ids, comp_ids, n_target
+
+
+def encode_plain(tokenizer, question: str, answer: str) -> tuple[list[int], list[int], int]:
+    """Plain-text 'Question: ...\\nAnswer: ...' encoding (no chat template), target = the answer only."""
+    prompt_ids = tokenizer(f"Question: {question.strip()}\nAnswer:", add_special_tokens=True)["input_ids"]
+    comp_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+    return prompt_ids, comp_ids, len(comp_ids)
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    left: bool = False,
+    labels: Sequence[Sequence[int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence: input_ids/attention_mask [B, T] (+ labels [B, T] padded with -100)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    out_labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long) if labels is not None else None
+    for b, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[b, span] = torch.tensor(s, dtype=torch.long)
+        mask[b, span] = 1
+        if out_labels is not None:
+            out_labels[b, span] = torch.tensor(labels[b], dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if out_labels is not None:
+        batch["labels"] = out_labels
+    return batch
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL [B, T-1] (0 where the label is -100). logits [B, T, V], labels [B, T] (unshifted)."""
+    logits = logits[:, :-1].float()  # [B, T-1, V]; fp32 for a stable log-softmax under bf16
+    targets = labels[:, 1:]  # [B, T-1]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    return nll  # [B, T-1]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    return pad
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first) to minimise padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def _sequence_nll(
+    model, tokenizer, encoded: list[tuple[list[int], list[int], int]], batch_size: int
+) -> list[float]:
+    """Mean NLL over each example's target tokens; encoded = [(prompt_ids, completion_ids, n_target)]."""
+    was_training = model.training
+    model.eval()
+    device, pad = model_device(model), _pad_id(tokenizer)
+    seqs, labels = [], []
+    for p, c, n in encoded:
+        seqs.append(p + c)
+        labels.append([IGNORE] * len(p) + c[:n] + [IGNORE] * (len(c) - n))
+    out = [float("nan")] * len(seqs)
+    for idx in _length_batches([len(s) for s in seqs], batch_size):
+        batch = pad_batch([seqs[i] for i in idx], pad, labels=[labels[i] for i in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = token_nll(logits, batch["labels"])  # [b, T-1]
+        count = (batch["labels"][:, 1:] != IGNORE).sum(1).clamp(min=1)  # [b]
+        for i, v in zip(idx, (nll.sum(1) / count).tolist(), strict=True):
+            out[i] = v
+    model.train(was_training)
+    return out
+
+
+def _contexts(contexts: Sequence[Context] | None, n: int) -> list[Context]:
+    if contexts is None:
+        return [None] * n
+    if len(contexts) != n:
+        raise ValueError(f"{len(contexts)} contexts for {n} questions")
+    return list(contexts)
+
+
+# ------------------------------------------------------------------------------------------- public API
+@torch.inference_mode()
+def generate_answers(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Sequence[Context] | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    system: str | None = None,
+) -> list[str]:
+    """Greedy answers, batched with left padding and the KV cache; prompt and special tokens stripped."""
+    from transformers import GenerationConfig
+
+    if not questions:
+        return []
+    was_training = model.training
+    model.eval()
+    device, pad = model_device(model), _pad_id(tokenizer)
+    stops = end_of_turn_ids(tokenizer)
+    gen_cfg = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    prompts = [
+        tokenizer(build_prompt(tokenizer, q, c, system), add_special_tokens=False)["input_ids"]
+        for q, c in zip(questions, _contexts(contexts, len(questions)), strict=True)
+    ]
+    answers = [""] * len(prompts)
+    for idx in _length_batches([len(p) for p in prompts], batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch([prompts[i] for i in idx], pad, left=True).items()}
+        out = model.generate(**batch, generation_config=gen_cfg)  # [b, T + new]
+        new = out[:, batch["input_ids"].shape[1] :].tolist()
+        for i, toks in zip(idx, new, strict=True):
+            cut = next((j for j, t in enumerate(toks) if t in stops), len(toks))
+            answers[i] = tokenizer.decode(toks[:cut], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return answers
+
+
+def answer_nll(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    contexts: Sequence[Context] | None = None,
+    batch_size: int = 16,
+    chat: bool = True,
+    system: str | None = None,
+) -> list[float]:
+    """Teacher-forced mean NLL of each gold answer's tokens (prompt and end-of-turn excluded).
+
+    chat=False scores a plain 'Question: ...\\nAnswer: ...' text instead of the chat template, which
+    separates drift in answer *format* (fine-tuned models answer tersely) from lost knowledge.
+    """
+    if len(answers) != len(questions):
+        raise ValueError(f"{len(answers)} answers for {len(questions)} questions")
+    if chat:
+        ctxs = _contexts(contexts, len(questions))
+        encoded = [
+            encode_chat(tokenizer, q, a, c, system, include_eot=False)
+            for q, a, c in zip(questions, answers, ctxs, strict=True)
+        ]
+    else:
+        if contexts is not None:
+            raise ValueError("contexts are only supported with chat=True")
+        encoded = [encode_plain(tokenizer, q, a) for q, a in zip(questions, answers, strict=True)]
+    return _sequence_nll(model, tokenizer, encoded, batch_size)
+
+
+def text_perplexity(
+    model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 512
+) -> list[float]:
+    """Perplexity exp(mean token NLL) of each text (first `max_length` tokens), e.g. as a fluency score."""
+    encoded = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
+        # Every token after the first is a target; the first (often BOS) has no prediction.
+        encoded.append((ids[:1], ids[1:], len(ids) - 1))
+    return [float(torch.tensor(v).exp()) for v in _sequence_nll(model, tokenizer, encoded, batch_size)]

@@ -1,0 +1,398 @@
+"""The corpus side of the registry: documents (keyed by the sha256 of their bytes), quarantined
+files, chunks, QA pairs and failed generations.
+
+Inserts are idempotent (deterministic ids, ``INSERT OR IGNORE``) so re-running a stage is a no-op,
+and retiring a document retires its chunks and pairs in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from storage.db import Database, bulk_insert, event, fetch, filters, unique, utcnow, where
+from storage.records import Chunk, Document, QAFailure, QAPair, QuarantineEntry, RegistryError
+
+
+class CorpusMixin(Database):
+    """Document, chunk and QA-pair operations of :class:`storage.registry.Registry`."""
+
+    # --- documents ----------------------------------------------------------------------------
+    def documents(self, status: str | None = None) -> list[Document]:
+        if status is None:
+            return self.read(Document, "SELECT * FROM documents ORDER BY path")
+        return self.read(Document, "SELECT * FROM documents WHERE status = ? ORDER BY path", [status])
+
+    def document_by_sha(self, sha256: str) -> Document | None:
+        rows = self.read(Document, "SELECT * FROM documents WHERE doc_id = ?", [sha256])
+        return rows[0] if rows else None
+
+    def upsert_document(
+        self,
+        doc_id: str,
+        path: str | Path,
+        *,
+        source_root: str | Path | None = None,
+        kind: str | None = None,
+        size: int | None = None,
+        run_id: str | None = None,
+    ) -> Literal["new", "renamed", "reactivated", "unchanged"]:
+        """Record an active document (``doc_id`` = sha256 of its bytes) and say what changed.
+
+        The same bytes under a new path are the same document ('renamed'). A retired document whose
+        bytes come back is 'reactivated' with its chunks and pairs; a quarantined one too (its open
+        quarantine entries are resolved).
+        """
+        path, now = str(path), utcnow()
+        root = None if source_root is None else str(source_root)
+        with self.transaction() as con:
+            found = fetch(con, Document, "SELECT * FROM documents WHERE doc_id = ?", [doc_id])
+            if not found:
+                con.execute(
+                    "INSERT INTO documents VALUES (?, ?, ?, ?, ?, 'active', NULL, ?, ?, ?, ?)",
+                    [doc_id, path, root, kind, size, run_id, run_id, now, now],
+                )
+                event(con, "document.added", run_id=run_id, detail={"doc_id": doc_id, "path": path})
+                return "new"
+            old = found[0]
+            con.execute(
+                "UPDATE documents SET path = ?, source_root = coalesce(?, source_root), kind = coalesce(?, kind), "
+                "size = coalesce(?, size), status = 'active', reason = NULL, last_run = ?, updated_at = ? "
+                "WHERE doc_id = ?",
+                [path, root, kind, size, run_id, now, doc_id],
+            )
+            if old.status != "active":
+                # Pairs come back as what they were before retirement: duplicates stay duplicates.
+                con.execute(
+                    "UPDATE chunks SET status = 'active' WHERE doc_id = ? AND status = 'retired'", [doc_id]
+                )
+                con.execute(
+                    "UPDATE qa_pairs SET status = CASE WHEN duplicate_of IS NULL THEN 'active' ELSE 'duplicate' END "
+                    "WHERE doc_id = ? AND status = 'retired'",
+                    [doc_id],
+                )
+                con.execute(
+                    "UPDATE quarantine SET resolved = true WHERE sha256 = ? AND NOT resolved", [doc_id]
+                )
+                detail = {"doc_id": doc_id, "path": path, "was": old.status, "old_path": old.path}
+                event(con, "document.reactivated", run_id=run_id, detail=detail)
+                return "reactivated"
+            if old.path != path:
+                event(
+                    con,
+                    "document.renamed",
+                    run_id=run_id,
+                    detail={"doc_id": doc_id, "from": old.path, "to": path},
+                )
+                return "renamed"
+            return "unchanged"
+
+    def retire_document(
+        self, doc_id: str, run_id: str | None = None, reason: str = "removed from source"
+    ) -> dict[str, int]:
+        """Retire a document with its chunks and pairs (excluded pairs stay excluded); return the counts."""
+        with self.transaction() as con:
+            row = con.execute("SELECT status FROM documents WHERE doc_id = ?", [doc_id]).fetchone()
+            if row is None:
+                raise RegistryError(f"no document {doc_id}")
+            if row[0] == "retired":
+                return {"chunks": 0, "qa_pairs": 0}
+            con.execute(
+                "UPDATE documents SET status = 'retired', reason = ?, last_run = ?, updated_at = ? WHERE doc_id = ?",
+                [reason, run_id, utcnow(), doc_id],
+            )
+            chunks = len(
+                con.execute(
+                    "UPDATE chunks SET status = 'retired' WHERE doc_id = ? AND status = 'active' RETURNING chunk_id",
+                    [doc_id],
+                ).fetchall()
+            )
+            pairs = len(
+                con.execute(
+                    "UPDATE qa_pairs SET status = 'retired' WHERE doc_id = ? AND status IN ('active', 'duplicate') "
+                    "RETURNING qa_id",
+                    [doc_id],
+                ).fetchall()
+            )
+            counts = {"chunks": chunks, "qa_pairs": pairs}
+            event(
+                con, "document.retired", run_id=run_id, detail={"doc_id": doc_id, "reason": reason, **counts}
+            )
+            return counts
+
+    def quarantine(
+        self, path: str | Path, sha256: str | None, reason: str, run_id: str | None = None
+    ) -> None:
+        """Record a file that could not be ingested; the same bytes are then skipped on later runs.
+
+        A document row with status 'quarantined' is created (or refreshed) for ``sha256`` unless that
+        document is already known in another state.
+        """
+        path, now = str(path), utcnow()
+        with self.transaction() as con:
+            open_entry = con.execute(
+                "SELECT id FROM quarantine WHERE path = ? AND sha256 IS NOT DISTINCT FROM ? AND NOT resolved",
+                [path, sha256],
+            ).fetchone()
+            if open_entry:
+                con.execute(
+                    "UPDATE quarantine SET reason = ?, run_id = ? WHERE id = ?",
+                    [reason, run_id, open_entry[0]],
+                )
+            else:
+                con.execute(
+                    "INSERT INTO quarantine (path, sha256, reason, run_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                    [path, sha256, reason, run_id, now],
+                )
+            if sha256 is not None:
+                con.execute(
+                    "INSERT INTO documents VALUES (?, ?, NULL, NULL, NULL, 'quarantined', ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (doc_id) DO UPDATE SET path = excluded.path, reason = excluded.reason, "
+                    "last_run = excluded.last_run, updated_at = excluded.updated_at "
+                    "WHERE documents.status = 'quarantined'",
+                    [sha256, path, reason, run_id, run_id, now, now],
+                )
+            event(
+                con,
+                "document.quarantined",
+                run_id=run_id,
+                detail={"path": path, "sha256": sha256, "reason": reason},
+            )
+
+    def quarantined(self, open_only: bool = True) -> list[QuarantineEntry]:
+        cond = "WHERE NOT resolved" if open_only else ""
+        return self.read(QuarantineEntry, f"SELECT * FROM quarantine {cond} ORDER BY id")
+
+    # --- chunks -------------------------------------------------------------------------------
+    def add_chunks(self, chunks: Iterable[Chunk], run_id: str | None = None) -> int:
+        """Insert chunks, ignoring ids already present; return how many were new."""
+        now = utcnow()
+        rows = [
+            (
+                c.chunk_id,
+                c.doc_id,
+                c.idx,
+                c.page,
+                c.text,
+                c.n_tokens,
+                c.status,
+                c.qa_done,
+                c.run_id or run_id,
+                now,
+            )
+            for c in unique(chunks, lambda c: c.chunk_id)
+        ]
+        columns = [
+            ("chunk_id", "VARCHAR"),
+            ("doc_id", "VARCHAR"),
+            ("idx", "INTEGER"),
+            ("page", "INTEGER"),
+            ("text", "VARCHAR"),
+            ("n_tokens", "INTEGER"),
+            ("status", "VARCHAR"),
+            ("qa_done", "BOOLEAN"),
+            ("run_id", "VARCHAR"),
+            ("created_at", "TIMESTAMP"),
+        ]
+        with self.transaction() as con:
+            added = bulk_insert(con, "chunks", columns, rows)
+            if added:
+                event(con, "chunks.added", run_id=run_id, detail={"count": added})
+            return added
+
+    def chunks(
+        self, doc_id: str | None = None, status: str | None = "active", ids: Sequence[str] | None = None
+    ) -> list[Chunk]:
+        clauses, params = filters(doc_id=doc_id, status=status)
+        if ids is not None:
+            clauses.append("list_contains(?::VARCHAR[], chunk_id)")
+            params.append(list(ids))
+        return self.read(Chunk, f"SELECT * FROM chunks {where(clauses)} ORDER BY doc_id, idx", params)
+
+    def chunks_without_qa(self, max_attempts: int | None = None, limit: int | None = None) -> list[Chunk]:
+        """Active chunks still waiting for QA pairs: no live pair, not marked done and (optionally)
+        not failed ``max_attempts`` times already."""
+        sql = (
+            "SELECT c.* FROM chunks c LEFT JOIN qa_failures f USING (chunk_id) "
+            "WHERE c.status = 'active' AND NOT c.qa_done AND NOT EXISTS ("
+            "  SELECT 1 FROM qa_pairs q WHERE q.chunk_id = c.chunk_id "
+            "  AND q.status IN ('active', 'duplicate', 'excluded')) "
+            "AND (? IS NULL OR coalesce(f.attempts, 0) < ?) ORDER BY c.doc_id, c.idx"
+        )
+        params: list[Any] = [max_attempts, max_attempts]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self.read(Chunk, sql, params)
+
+    def mark_chunks_qa_done(self, chunk_ids: Iterable[str], run_id: str | None = None) -> int:
+        """Mark chunks as finished with QA generation (even with 0 valid pairs) and clear their failures."""
+        ids = list(dict.fromkeys(chunk_ids))
+        if not ids:
+            return 0
+        with self.transaction() as con:
+            done = len(
+                con.execute(
+                    "UPDATE chunks SET qa_done = true WHERE list_contains(?::VARCHAR[], chunk_id) AND NOT qa_done "
+                    "RETURNING chunk_id",
+                    [ids],
+                ).fetchall()
+            )
+            con.execute("DELETE FROM qa_failures WHERE list_contains(?::VARCHAR[], chunk_id)", [ids])
+            if done:
+                event(con, "chunks.qa_done", run_id=run_id, detail={"count": done})
+            return done
+
+    def record_qa_failure(self, chunk_id: str, error: str, run_id: str | None = None) -> int:
+        """Count one more failed generation for a chunk; return its attempts so far."""
+        now = utcnow()
+        with self.transaction() as con:
+            row = con.execute(
+                "INSERT INTO qa_failures VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (chunk_id) DO UPDATE SET "
+                "error = excluded.error, attempts = qa_failures.attempts + 1, run_id = excluded.run_id, "
+                "updated_at = excluded.updated_at RETURNING attempts",
+                [chunk_id, error[:2000], run_id, now, now],
+            ).fetchone()
+            assert row is not None
+            return int(row[0])
+
+    def clear_qa_failures(self, chunk_ids: Iterable[str]) -> int:
+        ids = list(chunk_ids)
+        with self.transaction() as con:
+            return len(
+                con.execute(
+                    "DELETE FROM qa_failures WHERE list_contains(?::VARCHAR[], chunk_id) RETURNING chunk_id",
+                    [ids],
+                ).fetchall()
+            )
+
+    def qa_failures(self, run_id: str | None = None) -> list[QAFailure]:
+        clauses, params = filters(run_id=run_id)
+        return self.read(QAFailure, f"SELECT * FROM qa_failures {where(clauses)} ORDER BY chunk_id", params)
+
+    # --- QA pairs -----------------------------------------------------------------------------
+    def add_qa_pairs(self, pairs: Iterable[QAPair], run_id: str | None = None) -> int:
+        """Insert pairs, ignoring ids already present; return how many were new."""
+        now = utcnow()
+        rows = [
+            (
+                p.qa_id,
+                p.chunk_id,
+                p.doc_id,
+                p.question,
+                p.answer,
+                p.question_norm,
+                p.split,
+                p.status,
+                p.duplicate_of,
+                p.generator,
+                p.prompt_version,
+                p.run_id or run_id,
+                now,
+            )
+            for p in unique(pairs, lambda p: p.qa_id)
+        ]
+        columns = [
+            ("qa_id", "VARCHAR"),
+            ("chunk_id", "VARCHAR"),
+            ("doc_id", "VARCHAR"),
+            ("question", "VARCHAR"),
+            ("answer", "VARCHAR"),
+            ("question_norm", "VARCHAR"),
+            ("split", "VARCHAR"),
+            ("status", "VARCHAR"),
+            ("duplicate_of", "VARCHAR"),
+            ("generator", "VARCHAR"),
+            ("prompt_version", "VARCHAR"),
+            ("run_id", "VARCHAR"),
+            ("created_at", "TIMESTAMP"),
+        ]
+        with self.transaction() as con:
+            added = bulk_insert(con, "qa_pairs", columns, rows)
+            if added:
+                event(con, "qa.added", run_id=run_id, detail={"count": added})
+            return added
+
+    def qa_pairs(
+        self,
+        split: str | None = None,
+        status: str | None = "active",
+        doc_id: str | None = None,
+        run_id: str | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[QAPair]:
+        """Pairs filtered by split/status/document/run (``None`` = any), in insertion order."""
+        clauses, params = filters(split=split, status=status, doc_id=doc_id, run_id=run_id)
+        if ids is not None:
+            clauses.append("list_contains(?::VARCHAR[], qa_id)")
+            params.append(list(ids))
+        return self.read(
+            QAPair, f"SELECT * FROM qa_pairs {where(clauses)} ORDER BY created_at, qa_id", params
+        )
+
+    def mark_duplicates(self, pairs: Iterable[tuple[str, str]], run_id: str | None = None) -> int:
+        """Mark ``(qa_id, duplicate_of)`` pairs as duplicates; return how many changed."""
+        items = [(q, d) for q, d in dict(pairs).items() if q != d]
+        if not items:
+            return 0
+        with self.transaction() as con:
+            changed = len(
+                con.execute(
+                    "UPDATE qa_pairs SET status = 'duplicate', duplicate_of = u.dup FROM "
+                    "(SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[]) AS dup) u "
+                    "WHERE qa_pairs.qa_id = u.id AND qa_pairs.status IN ('active', 'duplicate') RETURNING qa_pairs.qa_id",
+                    [[q for q, _ in items], [d for _, d in items]],
+                ).fetchall()
+            )
+            if changed:
+                event(con, "qa.duplicates", run_id=run_id, detail={"count": changed})
+            return changed
+
+    def exclude_pairs(
+        self,
+        qa_ids: Iterable[str],
+        reason: str,
+        actor: str | None = None,
+        run_id: str | None = None,
+        strict: bool = False,
+    ) -> int:
+        """Exclude pairs from training and evaluation (bad quality, operator decision); return how
+        many changed.  ``strict`` refuses ids that do not exist."""
+        ids = list(dict.fromkeys(qa_ids))
+        with self.transaction() as con:
+            if strict:
+                known = {
+                    r[0]
+                    for r in con.execute(
+                        "SELECT qa_id FROM qa_pairs WHERE list_contains(?::VARCHAR[], qa_id)", [ids]
+                    ).fetchall()
+                }
+                if missing := [i for i in ids if i not in known]:
+                    raise RegistryError(f"no QA pair {', '.join(missing[:5])}")
+            changed = len(
+                con.execute(
+                    "UPDATE qa_pairs SET status = 'excluded' WHERE list_contains(?::VARCHAR[], qa_id) "
+                    "AND status <> 'excluded' RETURNING qa_id",
+                    [ids],
+                ).fetchall()
+            )
+            if changed:
+                detail = {"count": changed, "reason": reason, "ids": ids[:50]}
+                event(con, "qa.excluded", run_id=run_id, actor=actor, detail=detail)
+            return changed
+
+    def exclude_pair(self, qa_id: str, reason: str = "excluded", actor: str | None = None) -> None:
+        """Exclude one pair; an unknown id is an error."""
+        self.exclude_pairs([qa_id], reason, actor, strict=True)
+
+    def existing_question_norms(self) -> dict[str, str]:
+        """Normalised question -> qa_id of the earliest active pair asking it (for exact dedup)."""
+        with self.transaction() as con:
+            rows = con.execute(
+                "SELECT question_norm, qa_id FROM qa_pairs WHERE status = 'active' ORDER BY created_at DESC, qa_id DESC"
+            ).fetchall()
+        return dict(rows)  # later rows (earlier pairs) win
+
+
+# --- helpers ----------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""One settings object for the whole project, read once from ``MORAL_*`` environment variables.
+
+Every component takes what it needs from a :class:`Settings` instance passed down to it; nothing
+else reads the environment.  ``apply_runtime_env()`` sets the offline defaults that the bundled
+models need (no hub look-ups, no telemetry) without overriding what the user set explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Environment defaults for running offline: hub loads by name fail fast, Chroma sends no telemetry.
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "ANONYMIZED_TELEMETRY": "False",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+def apply_runtime_env() -> None:
+    """Set the offline defaults in ``os.environ`` unless the user already set them."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+class Settings(BaseSettings):
+    """All settings, with the environment variable that sets each (prefix ``MORAL_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MORAL_", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------------
+    home: Path = Field(Path(".moral"), description="Data home: registry, Chroma, adapters, caches.")
+    model_cache: Path = Field(
+        Path("~/.cache/moral-refresh/models"),
+        description="Machine-wide cache of converted base models, shared by every data home.",
+    )
+    base_model: str | None = Field(
+        None,
+        description="Local HF causal-LM directory; unset means the bundled SmolLM2-135M-Instruct.",
+    )
+    embed_model: str | None = Field(
+        None, description="Local sentence-transformers directory; unset means the bundled all-MiniLM-L6-v2."
+    )
+    chroma_url: str | None = Field(
+        None, description="Chroma server URL (HttpClient); unset means a PersistentClient in the data home."
+    )
+    registry_lock_timeout_s: float = Field(
+        60.0, gt=0, description="How long a registry call waits for another process's DuckDB lock."
+    )
+
+    # --- QA generation -----------------------------------------------------------------------
+    qa_backend: Literal["local", "openai"] = Field(
+        "local", description="'local' (the bundled model, offline) or 'openai' (any OpenAI-compatible endpoint)."
+    )
+    qa_base_url: str | None = Field(None, description="Endpoint for the openai backend; falls back to OPENAI_BASE_URL.")
+    qa_api_key: SecretStr | None = Field(None, description="API key for the openai backend; falls back to OPENAI_API_KEY.")
+    qa_model: str | None = Field(None, description="Model name for the openai backend.")
+    qa_pairs_per_chunk: int = Field(3, ge=1, le=20, description="QA pairs asked for per chunk.")
+    qa_concurrency: int = Field(8, ge=1, le=256, description="Concurrent LLM requests (openai backend).")
+    qa_timeout_s: float = Field(60.0, gt=0, description="Per-request timeout for the openai backend.")
+    qa_max_retries: int = Field(5, ge=0, description="Retries per LLM request on 429/5xx/timeouts.")
+    max_llm_calls: int | None = Field(None, ge=0, description="Per-run cap on LLM calls; the rest waits for the next run.")
+    max_llm_tokens: int | None = Field(None, ge=0, description="Per-run cap on LLM tokens.")
+
+    # --- ingestion ---------------------------------------------------------------------------
+    chunk_tokens: int = Field(160, ge=16, description="Chunk size in (whitespace) tokens.")
+    chunk_overlap: int = Field(32, ge=0, description="Overlap between consecutive chunks, in tokens.")
+    max_file_mb: float = Field(50.0, gt=0, description="Files larger than this are quarantined.")
+    max_pdf_pages: int = Field(500, ge=1, description="PDFs with more pages are quarantined.")
+
+    # --- dedup -------------------------------------------------------------------------------
+    dedup_threshold: float = Field(0.95, gt=0, le=1, description="Cosine at or above which two questions are duplicates.")
+
+    # --- training ----------------------------------------------------------------------------
+    num_experts: int = Field(8, ge=1, description="LoRA experts per adapted linear.")
+    top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
+    rank: int = Field(8, ge=1, description="LoRA rank of each expert.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / rank).")
+    epochs: int = Field(12, ge=1, description="Training epochs over the delta's train split.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, description="Training batch size (sequences).")
+    warm_start: bool = Field(False, description="Initialise a new version from the champion's weights.")
+    replay_budget: int = Field(200, ge=0, description="Earlier train pairs replayed with each new delta.")
+    seed: int = Field(0, description="Seed for training, splits and sampling.")
+
+    # --- evaluation and the gate ------------------------------------------------------------
+    eval_max_new_tokens: int = Field(24, ge=1, description="Tokens generated per evaluation answer.")
+    recall_sample: int = Field(30, ge=0, description="Trained pairs re-asked to measure recall.")
+    holdout_size: int = Field(40, ge=0, description="FanOutQA world-knowledge holdout sample size.")
+    gate_min_gain: float = Field(0.05, description="Minimum new-knowledge RA gain over the champion to promote.")
+    gate_max_nll_rise: float = Field(0.25, ge=0, description="Max relative rise of world-knowledge NLL (0.25 = +25%).")
+    gate_max_ra_drop: float = Field(0.05, ge=0, description="Max drop of world-knowledge RA, in absolute points.")
+    gate_max_retention_drop: float = Field(0.10, ge=0, description="Max drop of domain-retention RA.")
+
+    @field_validator("home", "model_cache", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Resolved once, at start, so every stage and every flow run sees the same directories.
+        return value.expanduser().resolve()
+
+    # --- derived paths -----------------------------------------------------------------------
+    @property
+    def registry_path(self) -> Path:
+        return self.home / "registry.duckdb"
+
+    @property
+    def chroma_path(self) -> Path:
+        return self.home / "chroma"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    def resolved_qa_base_url(self) -> str | None:
+        return self.qa_base_url or os.environ.get("OPENAI_BASE_URL")
+
+    def resolved_qa_api_key(self) -> str | None:
+        if self.qa_api_key is not None:
+            return self.qa_api_key.get_secret_value()
+        return os.environ.get("OPENAI_API_KEY")
+
+    def ensure_dirs(self) -> None:
+        for path in (self.home, self.adapters_dir, self.reports_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    apply_runtime_env()
+    return Settings()

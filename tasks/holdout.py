@@ -1,0 +1,61 @@
+"""The world-knowledge holdout: FanOutQA's dev single-hop question/answer pairs.
+
+The data ships inside the ``fanoutqa`` wheel (installed with ``--no-deps``; importing the package
+fails for a missing dependency, so the JSON is read from the package folder directly).  The sample
+is fixed by a seed, so every version is measured on the same questions; it is never trained on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+DEV_FILE = "data/fanout-final-dev.json"
+
+
+@dataclass(frozen=True)
+class HoldoutPair:
+    id: str
+    question: str
+    answer: str
+
+
+def fanoutqa_path() -> Path:
+    spec = importlib.util.find_spec("fanoutqa")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the fanoutqa data package is not installed; run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations))) / DEV_FILE
+
+
+def _single_hops(node: dict, out: list[HoldoutPair]) -> None:
+    for sub in node.get("decomposition") or []:
+        answer = sub.get("answer")
+        # Keep scalar answers only: list or dict answers have no single gold string to score against.
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if isinstance(answer, str) and answer.strip() and not sub.get("decomposition"):
+            out.append(HoldoutPair(id=sub["id"], question=sub["question"].strip(), answer=answer.strip()))
+        _single_hops(sub, out)
+
+
+@lru_cache(maxsize=1)
+def all_single_hop_pairs() -> tuple[HoldoutPair, ...]:
+    data = json.loads(fanoutqa_path().read_text(encoding="utf-8"))
+    out: list[HoldoutPair] = []
+    for item in data:
+        _single_hops(item, out)
+    # The same sub-question can appear under several top-level questions.
+    unique = {pair.id: pair for pair in out}
+    return tuple(sorted(unique.values(), key=lambda p: p.id))
+
+
+def holdout_sample(size: int, seed: int = 0) -> list[HoldoutPair]:
+    """A fixed, seeded sample of ``size`` single-hop pairs (the same for every version)."""
+    pairs = list(all_single_hop_pairs())
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    return pairs[: max(0, size)]

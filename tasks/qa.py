@@ -1,0 +1,369 @@
+"""QA generation: question/answer pairs for each new chunk, with a response cache, bounded concurrency
+and a spend cap. Backends: any OpenAI-compatible endpoint (`tasks.qa_openai`) or the embedded local
+model (`tasks.qa_local`); both implement the small `QAGenerator` protocol below.
+
+Every pair a backend returns is checked by `validate_pair` against its chunk (grounded answer, a real
+question) before it is kept; rejected pairs are reported with their reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from storage.records import qa_id_for
+from tasks.chunking import split_sentences
+from tasks.text import (
+    normalize_answer,
+    normalize_question,
+    qa_key,
+    sha256_text,
+    stable_hash,
+)
+
+log = logging.getLogger(__name__)
+
+# The OpenAI backend's names stay importable from here (`from tasks.qa import OpenAIQAGenerator`),
+# resolved lazily: tasks.qa_openai itself imports this module.
+_OPENAI_NAMES = frozenset(
+    {
+        "OpenAIQAGenerator",
+        "PROMPT_VERSION",
+        "SYSTEM_PROMPT",
+        "QA_SCHEMA",
+        "DOC_START",
+        "DOC_END",
+        "MalformedOutput",
+        "build_messages",
+        "parse_pairs",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _OPENAI_NAMES:
+        from tasks import qa_openai
+
+        return getattr(qa_openai, name)
+    raise AttributeError(f"module 'tasks.qa' has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pairs, splits, validation
+
+
+def assign_split(question: str, dev_frac: float = 0.1, eval_frac: float = 0.2) -> str:
+    """'train' | 'dev' | 'eval', deterministic in the normalised question (a rephrased duplicate of an
+    eval question with the same wording lands in eval too, never in train)."""
+    u = int(stable_hash(normalize_question(question), length=12), 16) / 16**12
+    if u < eval_frac:
+        return "eval"
+    if u < eval_frac + dev_frac:
+        return "dev"
+    return "train"
+
+
+@dataclass
+class QAPair:
+    question: str
+    answer: str
+    chunk_id: str
+    doc_id: str
+    generator: str
+    prompt_version: str
+    qa_id: str = ""
+    split: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.qa_id:  # the registry's definition: normalised question + answer + chunk
+            self.qa_id = qa_id_for(self.question, self.answer, self.chunk_id)
+        if not self.split:
+            self.split = assign_split(self.question)
+
+    @property
+    def key(self) -> str:
+        """Exact-duplicate key (normalised question + answer; independent of the chunk)."""
+        return qa_key(self.question, self.answer)
+
+
+Q_WORDS = (3, 40)
+A_WORDS = (1, 25)
+
+
+def validate_pair(question: str, answer: str, chunk_text: str) -> str | None:
+    """Reason the pair is unusable, or None when it is fine."""
+    q, a = question.strip(), answer.strip()
+    if not q or not a:
+        return "empty question or answer"
+    if not Q_WORDS[0] <= len(q.split()) <= Q_WORDS[1] or len(q) > 300:
+        return f"question length out of bounds ({len(q.split())} words)"
+    if not A_WORDS[0] <= len(a.split()) <= A_WORDS[1] or len(a) > 200:
+        return f"answer length out of bounds ({len(a.split())} words)"
+    if not q.endswith("?"):
+        return "question does not end with '?'"
+    a_toks = normalize_answer(a).split()
+    if not a_toks:
+        return "answer is empty after normalisation"
+    c_norm = normalize_answer(chunk_text)
+    if len(a_toks) <= 4:
+        if f" {' '.join(a_toks)} " not in f" {c_norm} ":
+            return "answer not found in chunk"
+    else:
+        c_set = set(c_norm.split())
+        if sum(t in c_set for t in a_toks) / len(a_toks) < 0.8:
+            return "answer not grounded in chunk"
+    if f" {' '.join(a_toks)} " in f" {normalize_answer(q)} ":
+        return "question contains the answer"
+    q_toks = set(normalize_question(q).split())
+    for sentence in split_sentences(chunk_text):
+        s_toks = set(normalize_question(sentence).split())
+        if s_toks and len(q_toks & s_toks) / len(q_toks | s_toks) >= 0.9:
+            return "question copies a chunk sentence"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Generators, cache, spend cap
+
+
+@dataclass
+class GenerationResult:
+    pairs: list[dict[str, str]]
+    tokens_in: int = 0
+    tokens_out: int = 0
+    calls: int = 0
+    error: str | None = None
+    capped: bool = False  # stopped by the spend cap before finishing (not a failure)
+
+
+class Budget:
+    """Thread-safe spend cap shared by all workers of a run: a call is only made after `acquire()`
+    says yes. Tokens are known only after a call, so the token cap refuses a call when the tokens
+    spent plus the average cost of a call so far would exceed it."""
+
+    def __init__(self, max_calls: int | None = None, max_tokens: int | None = None):
+        self.max_calls, self.max_tokens = max_calls, max_tokens
+        self.calls = self.tokens = self._priced_calls = 0
+        self._lock = threading.Lock()
+
+    def _refuse(self) -> bool:
+        if self.max_calls is not None and self.calls >= self.max_calls:
+            return True
+        if self.max_tokens is not None:
+            avg = self.tokens / self._priced_calls if self._priced_calls else 0
+            return self.tokens + avg > self.max_tokens or self.tokens >= self.max_tokens
+        return False
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._refuse():
+                return False
+            self.calls += 1
+            return True
+
+    def add_tokens(self, n: int) -> None:
+        with self._lock:
+            self.tokens += n
+            self._priced_calls += 1
+
+    @property
+    def exhausted(self) -> bool:
+        with self._lock:
+            return self._refuse()
+
+
+class QAGenerator(Protocol):
+    model_id: str  # part of the cache key
+    prompt_version: str  # part of the cache key, stored with each pair
+    name: str  # provenance label stored with each pair
+    batch_size: int  # chunks per generate_many call
+    max_concurrency: int  # parallel generate_many calls worth making
+
+    def generate_many(self, texts: Sequence[str], budget: Budget | None = None) -> list[GenerationResult]: ...
+
+
+class QACache(Protocol):
+    def get(self, key: str) -> dict | None: ...
+    def put(self, key: str, response: dict, model: str, prompt_version: str, tokens: int) -> None: ...
+
+
+class DictCache:
+    """In-memory cache with the registry's protocol (for tests and dry runs)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict] = {}
+        self.puts = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            return self.data.get(key)
+
+    def put(self, key: str, response: dict, model: str, prompt_version: str, tokens: int) -> None:
+        with self._lock:
+            self.data[key] = response
+            self.puts += 1
+
+
+class RegistryCache:
+    """Adapts a registry's `cache_get` / `cache_put` to the cache protocol."""
+
+    def __init__(self, registry: Any):
+        self.registry = registry
+
+    def get(self, key: str) -> dict | None:
+        return self.registry.cache_get(key)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        return self.registry.cache_get_many(keys)
+
+    def put(self, key: str, response: dict, model: str, prompt_version: str, tokens: int) -> None:
+        self.registry.cache_put(key, response, model, prompt_version, tokens)
+
+
+def cache_key(chunk_text: str, model_id: str, prompt_version: str) -> str:
+    """Keyed by the chunk's *text* (not its id): the same paragraph in another document is free."""
+    return stable_hash(sha256_text(chunk_text), model_id, prompt_version)
+
+
+class _ChunkLike(Protocol):
+    chunk_id: str
+    doc_id: str
+    text: str
+
+
+@dataclass
+class QARunResult:
+    pairs: list[QAPair] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (chunk_id, error)
+    skipped_by_cap: list[str] = field(default_factory=list)
+    llm_calls: int = 0
+    cache_hits: int = 0
+    tokens: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (chunk_id, question, reason)
+
+
+def pairs_from_response(
+    chunk: _ChunkLike,
+    raw_pairs: Iterable[dict[str, str]],
+    generator: str,
+    result: QARunResult,
+    prompt_version: str,
+) -> None:
+    """Validate raw pairs against the chunk; keep the good ones (deduplicated), record the rest."""
+    seen: set[str] = set()
+    for raw in raw_pairs:
+        q, a = str(raw.get("question", "")).strip(), str(raw.get("answer", "")).strip()
+        reason = validate_pair(q, a, chunk.text)
+        if reason is not None:
+            result.rejected.append((chunk.chunk_id, q, reason))
+            continue
+        pair = QAPair(q, a, chunk.chunk_id, chunk.doc_id, generator, prompt_version)
+        if pair.qa_id not in seen:
+            seen.add(pair.qa_id)
+            result.pairs.append(pair)
+
+
+def generate_for_chunks(
+    chunks: Sequence[_ChunkLike],
+    generator: QAGenerator,
+    cache: QACache | None,
+    concurrency: int,
+    max_calls: int | None = None,
+    max_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> QARunResult:
+    """QA pairs for `chunks`: cache first, then the generator on a bounded pool, caching each
+    response as it arrives (a crash loses nothing paid for). When the spend cap is reached no new
+    work is submitted; the remaining chunks land in `skipped_by_cap` for the next run."""
+    result = QARunResult()
+    budget = Budget(max_calls, max_tokens)
+    version = generator.prompt_version
+    # Identical texts share one cache key and one generation.
+    groups: dict[str, list[_ChunkLike]] = {}
+    for chunk in chunks:
+        groups.setdefault(cache_key(chunk.text, generator.model_id, version), []).append(chunk)
+    total, done = len(groups), 0
+    pending: list[str] = []
+    hits: dict[str, Any] = {}
+    if cache is not None:  # one round trip when the cache can do it (the registry: one transaction)
+        get_many = getattr(cache, "get_many", None)
+        hits = get_many(list(groups)) if get_many else {k: cache.get(k) for k in groups}
+    for key, members in groups.items():
+        hit = hits.get(key)
+        if isinstance(hit, dict) and isinstance(hit.get("pairs"), list):
+            result.cache_hits += len(members)
+            for chunk in members:
+                pairs_from_response(chunk, hit["pairs"], generator.name, result, version)
+            done += 1
+        else:
+            pending.append(key)
+    if progress and done:
+        progress(done, total)
+
+    size = max(1, int(generator.batch_size))
+    batches = [pending[i : i + size] for i in range(0, len(pending), size)]
+    workers = max(1, min(concurrency, generator.max_concurrency, len(batches) or 1))
+    queue = iter(batches)
+    in_flight: dict[Future, list[str]] = {}
+
+    def skip(keys: Iterable[str]) -> None:
+        for key in keys:
+            result.skipped_by_cap.extend(c.chunk_id for c in groups[key])
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qa") as pool:
+        capped = False
+        while True:
+            while not capped and len(in_flight) < workers:
+                batch = next(queue, None)
+                if batch is None:
+                    break
+                if budget.exhausted:
+                    capped = True
+                    skip(batch)
+                    break
+                texts = [groups[k][0].text for k in batch]
+                in_flight[pool.submit(generator.generate_many, texts, budget)] = batch
+            if not in_flight:
+                break
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                batch = in_flight.pop(fut)
+                try:
+                    outs = fut.result()
+                except Exception as exc:  # a generator bug must not lose the other chunks
+                    log.exception("QA generation batch failed")
+                    outs = [GenerationResult([], error=f"{type(exc).__name__}: {exc}") for _ in batch]
+                for key, out in zip(batch, outs, strict=True):
+                    result.llm_calls += out.calls
+                    result.tokens_in += out.tokens_in
+                    result.tokens_out += out.tokens_out
+                    members = groups[key]
+                    if out.capped:
+                        skip([key])
+                    elif out.error is not None:
+                        result.failed.extend((c.chunk_id, out.error) for c in members)
+                    else:
+                        if cache is not None:
+                            cache.put(
+                                key,
+                                {"pairs": out.pairs},
+                                generator.model_id,
+                                version,
+                                out.tokens_in + out.tokens_out,
+                            )
+                        for chunk in members:
+                            pairs_from_response(chunk, out.pairs, generator.name, result, version)
+                    done += 1
+                if progress:
+                    progress(done, total)
+        for batch in queue:  # left over after the cap
+            skip(batch)
+    result.tokens = result.tokens_in + result.tokens_out
+    return result

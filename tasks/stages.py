@@ -1,0 +1,518 @@
+"""The refresh stages as plain functions over the registry, the index and the adapter store.
+
+Each stage reads what it needs from the registry, does its work through the stage modules
+(``ingest``, ``qa``, ``dedup``, ``index``, ``train``, ``evaluate``, ``gate``) and writes the result
+back in batched transactions.  Every stage is idempotent: it only acts on what the registry says is
+still to do, so a rerun or a run resumed after a crash repeats nothing it already paid for.  Models
+and the embedding model are loaded only when a stage has work.  The Prefect ``@task`` wrappers are
+in :mod:`tasks.prefect_tasks`; tests call these functions directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from storage.records import Chunk as ChunkRecord
+from storage.records import Evaluation
+from storage.records import QAPair as QARecord
+from storage.registry import Registry
+from storage.settings import Settings
+
+log = logging.getLogger("moral.stages")
+Progress = Callable[[str], None]
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    log.info(message)
+    if progress is not None:
+        progress(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# ingest
+
+
+@dataclass
+class IngestSummary:
+    documents_new: list[str] = field(default_factory=list)
+    documents_unchanged: int = 0
+    documents_renamed: list[str] = field(default_factory=list)
+    documents_retired: list[str] = field(default_factory=list)
+    documents_quarantined: list[dict] = field(default_factory=list)
+    chunks_added: int = 0
+
+
+def ingest_stage(settings: Settings, source: Path, run_id: str, progress: Progress | None = None) -> IngestSummary:
+    """Scan ``source``, work out the delta against the registry, parse and chunk what is new."""
+    from tasks.chunking import chunk_pages
+    from tasks.ingest import ParseError, parse_document, plan_delta, scan_source
+
+    source = Path(source).expanduser().resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"source folder {source} does not exist")
+    reg = Registry.from_settings(settings)
+    out = IngestSummary()
+    scan = scan_source(source, settings.max_file_mb)
+    docs = reg.documents()
+    known = {d.doc_id: d.path for d in docs}
+    active_paths = {d.path: d.doc_id for d in docs if d.status == "active"}
+    status_of = {d.doc_id: d for d in docs}
+    delta = plan_delta(scan.files, known, active_paths)
+
+    for q in scan.rejected:
+        reg.quarantine(q.path, q.sha256, q.reason, run_id)
+        out.documents_quarantined.append({"path": str(q.path), "reason": q.reason})
+    for f in delta.unchanged:
+        doc = status_of.get(f.sha256)
+        if doc is not None and doc.status == "quarantined":
+            # Same bytes fail the same way: not parsed again, but still reported until fixed.
+            out.documents_quarantined.append({"path": str(f.path), "reason": doc.reason or "quarantined"})
+        else:
+            out.documents_unchanged += 1
+    for r in delta.renamed:
+        reg.upsert_document(
+            r.file.sha256, str(r.file.path), source_root=str(source), kind=r.file.kind, size=r.file.size, run_id=run_id
+        )
+        out.documents_renamed.append(str(r.file.path))
+    for c in delta.changed:
+        reg.retire_document(c.old_sha256, run_id, reason=f"{c.file.path} changed: replaced by new content")
+        out.documents_retired.append(str(c.file.path))
+    for d in delta.deleted:
+        reg.retire_document(d.sha256, run_id, reason=f"{d.path} deleted from the source")
+        out.documents_retired.append(d.path)
+
+    chunks: list[ChunkRecord] = []
+    for f in delta.to_process:
+        try:
+            parsed = parse_document(f, settings.max_pdf_pages)
+        except ParseError as exc:
+            reg.quarantine(f.path, f.sha256, exc.reason, run_id)
+            out.documents_quarantined.append({"path": str(f.path), "reason": exc.reason})
+            continue
+        reg.upsert_document(f.sha256, str(f.path), source_root=str(source), kind=f.kind, size=f.size, run_id=run_id)
+        out.documents_new.append(str(f.path))
+        for c in chunk_pages(f.sha256, parsed.pages, settings.chunk_tokens, settings.chunk_overlap):
+            chunks.append(ChunkRecord(c.chunk_id, c.doc_id, c.idx, c.text, c.page, c.n_tokens, run_id=run_id))
+    out.chunks_added = reg.add_chunks(chunks, run_id=run_id) if chunks else 0
+    _say(
+        progress,
+        f"ingest: {len(out.documents_new)} new, {out.documents_unchanged} unchanged, "
+        f"{len(out.documents_retired)} retired, {len(out.documents_quarantined)} quarantined, "
+        f"{out.chunks_added} chunks",
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# QA generation
+
+
+@dataclass
+class QASummary:
+    chunks_pending: int = 0
+    qa_generated: int = 0
+    qa_rejected: int = 0
+    qa_failed: list[dict] = field(default_factory=list)
+    skipped_by_cap: int = 0
+    llm_calls: int = 0
+    llm_tokens: int = 0
+    cache_hits: int = 0
+    generator: str | None = None
+
+
+def make_generator(settings: Settings):
+    """The configured QA generator; the openai backend is never switched on implicitly."""
+    if settings.qa_backend == "openai":
+        from tasks.qa import OpenAIQAGenerator
+
+        base_url = settings.resolved_qa_base_url()
+        if not settings.qa_model:
+            raise ValueError("MORAL_QA_BACKEND=openai needs MORAL_QA_MODEL (the model name at the endpoint)")
+        return OpenAIQAGenerator(
+            base_url=base_url,
+            api_key=settings.resolved_qa_api_key(),
+            model=settings.qa_model,
+            timeout_s=settings.qa_timeout_s,
+            max_retries=settings.qa_max_retries,
+            pairs_per_chunk=settings.qa_pairs_per_chunk,
+        )
+    from moe.base_model import load_base_model, resolve_base_model
+    from tasks.qa_local import LocalQAGenerator
+
+    model, tokenizer = load_base_model(resolve_base_model(settings.base_model, settings.model_cache))
+    return LocalQAGenerator(model, tokenizer, pairs_per_chunk=settings.qa_pairs_per_chunk)
+
+
+def qa_stage(settings: Settings, run_id: str, progress: Progress | None = None, generator=None) -> QASummary:
+    """QA pairs for every active chunk that has none yet (cache first; failures recorded for retry)."""
+    from tasks.qa import RegistryCache, generate_for_chunks
+
+    reg = Registry.from_settings(settings)
+    chunks = reg.chunks_without_qa()
+    out = QASummary(chunks_pending=len(chunks))
+    if not chunks:
+        _say(progress, "qa: no new chunks, no LLM call")
+        return out
+    gen = generator or make_generator(settings)
+    out.generator = getattr(gen, "name", type(gen).__name__)
+    _say(progress, f"qa: generating question/answer pairs for {len(chunks)} chunks with {out.generator}")
+
+    def report(done: int, total: int) -> None:
+        _say(progress, f"qa: {done}/{total} chunks")
+
+    result = generate_for_chunks(
+        chunks,
+        gen,
+        RegistryCache(reg),
+        settings.qa_concurrency,
+        max_calls=settings.max_llm_calls,
+        max_tokens=settings.max_llm_tokens,
+        progress=report,
+    )
+    records = [
+        QARecord(
+            p.qa_id, p.chunk_id, p.doc_id, p.question, p.answer, p.split,  # type: ignore[arg-type]
+            generator=p.generator, prompt_version=p.prompt_version, run_id=run_id,
+        )
+        for p in result.pairs
+    ]  # fmt: skip
+    out.qa_generated = reg.add_qa_pairs(records, run_id=run_id) if records else 0
+    failed = {cid for cid, _ in result.failed}
+    skipped = set(result.skipped_by_cap)
+    done = [c.chunk_id for c in chunks if c.chunk_id not in failed and c.chunk_id not in skipped]
+    if done:
+        reg.mark_chunks_qa_done(done, run_id=run_id)
+    for chunk_id, error in result.failed:
+        reg.record_qa_failure(chunk_id, error, run_id=run_id)
+    out.qa_failed = [{"chunk_id": cid, "error": err} for cid, err in result.failed]
+    out.qa_rejected = len(result.rejected)
+    out.skipped_by_cap = len(skipped)
+    out.llm_calls = result.llm_calls
+    out.llm_tokens = result.tokens
+    out.cache_hits = result.cache_hits
+    _say(
+        progress,
+        f"qa: {out.qa_generated} pairs kept, {out.qa_rejected} rejected by validation, {len(failed)} chunks "
+        f"failed, {out.skipped_by_cap} left for the next run (spend cap); {out.llm_calls} LLM calls",
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# dedup + index
+
+
+@dataclass
+class IndexSummary:
+    chunks_indexed: int = 0
+    qa_indexed: int = 0
+    qa_duplicates: int = 0
+    retired_vectors: int = 0
+
+
+def index_stage(settings: Settings, run_id: str, progress: Progress | None = None) -> IndexSummary:
+    """Dedup the pairs not yet indexed (within the batch and against Chroma), then upsert pairs and chunks."""
+    from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
+    from tasks.dedup import dedup_pairs, embedding_text
+    from tasks.index import index_chunks, index_qa, retire
+
+    reg = Registry.from_settings(settings)
+    store = VectorStore(settings)
+    out = IndexSummary()
+
+    chunks = reg.chunks()
+    chunk_ids = [c.chunk_id for c in chunks]
+    present_chunks = set(store.ids(CHUNKS, ids=chunk_ids)) if chunk_ids else set()
+    new_chunks = [c for c in chunks if c.chunk_id not in present_chunks]
+    pairs = reg.qa_pairs()
+    pair_ids = [p.qa_id for p in pairs]
+    present_pairs = set(store.ids(QA_PAIRS, ids=pair_ids)) if pair_ids else set()
+    new_pairs = [p for p in pairs if p.qa_id not in present_pairs]
+
+    if new_pairs:
+        _say(progress, f"index: embedding and deduplicating {len(new_pairs)} new pairs")
+        embeddings = store.embedder.encode([embedding_text(p.question, p.answer) for p in new_pairs])
+        texts = {c.chunk_id: c.text for c in reg.chunks(ids=sorted({p.chunk_id for p in new_pairs}))}
+        result = dedup_pairs(new_pairs, embeddings, store, settings.dedup_threshold, chunk_texts=texts)
+        if result.duplicates:
+            reg.mark_duplicates([(d[0], d[1]) for d in result.duplicates], run_id=run_id)
+        out.qa_duplicates = len(result.duplicates)
+        keep = {p.qa_id for p in result.kept}
+        rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
+        out.qa_indexed = index_qa(store, [new_pairs[i] for i in rows], embeddings[rows], run_id)
+    if new_chunks:
+        _say(progress, f"index: embedding {len(new_chunks)} new chunks")
+        docs = {d.doc_id: d for d in reg.documents()}
+        meta = {doc_id: {"path": d.path} for doc_id, d in docs.items()}
+        out.chunks_indexed = index_chunks(store, new_chunks, meta, run_id)
+    retired = [d.doc_id for d in reg.documents(status="retired")]
+    if retired:
+        out.retired_vectors = retire(store, retired)
+    _say(
+        progress,
+        f"index: {out.qa_indexed} pairs and {out.chunks_indexed} chunks added, {out.qa_duplicates} duplicates",
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+@dataclass
+class TrainSummary:
+    version: int | None = None
+    reason: str | None = None  # why nothing was trained
+    resumed: bool = False  # an existing candidate (from a stopped or crashed run) is taken up
+    reused_artifact: bool = False
+    delta_pairs: int = 0
+    replay_pairs: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def base_model_identity(settings: Settings) -> tuple[Path, dict]:
+    from moe.base_model import model_identity, resolve_base_model
+
+    path = resolve_base_model(settings.base_model, settings.model_cache)
+    return path, model_identity(path)
+
+
+def usable_champion(reg: Registry, base_sha256: str) -> tuple[object | None, str | None]:
+    """The champion version if its adapter fits the current base model, else (None, why not)."""
+    champion = reg.champion()
+    if champion is None:
+        return None, None
+    version = reg.get_version(champion)
+    if version.base_model_sha256 and version.base_model_sha256 != base_sha256:
+        return None, (
+            f"champion {version.name} was trained on another base model (sha256 {version.base_model_sha256[:12]}...); "
+            "it is not loaded and the base model is the reference"
+        )
+    return version, None
+
+
+def train_stage(
+    settings: Settings, run_id: str, progress: Progress | None = None, kind: str = "moral"
+) -> TrainSummary:
+    """Train a candidate on the train pairs no version has been trained on (plus replay), and register it."""
+    from tasks.train import TrainPair, train_candidate
+
+    reg = Registry.from_settings(settings)
+    pending = reg.list_versions(status="candidate")
+    if pending:
+        v = pending[-1]
+        _say(progress, f"train: taking up candidate {v.name} left by an earlier run (no retraining)")
+        return TrainSummary(version=v.version, resumed=True)
+
+    trained = reg.trained_pairs()
+    active_train = reg.qa_pairs(split="train")
+    delta = [p for p in active_train if p.qa_id not in trained]
+    if not delta:
+        return TrainSummary(reason="no new training pairs since the last version: nothing to train")
+    replay = [p for p in active_train if p.qa_id in trained][: settings.replay_budget]
+
+    base_path, identity = base_model_identity(settings)
+    champion, _why = usable_champion(reg, identity["sha256"])
+    pairs = [TrainPair(p.qa_id, p.question, p.answer, 0) for p in delta]
+    pairs += [TrainPair(p.qa_id, p.question, p.answer, 1) for p in replay]
+    _say(progress, f"train: {kind} adapter on {len(delta)} new and {len(replay)} replayed pairs")
+
+    def on_step(info: dict) -> None:
+        step = info.get("step", 0)
+        if step == 1 or step % 10 == 0:
+            _say(progress, f"train: step {step} epoch {info.get('epoch')} loss {info.get('loss', float('nan')):.4f}")
+
+    parent_dir = Path(champion.artifact_uri) if champion is not None and champion.artifact_uri else None
+    outcome = train_candidate(
+        settings, base_path, identity["sha256"], pairs, parent_dir=parent_dir, kind=kind, progress=on_step
+    )
+    roles = {p.qa_id: "delta" for p in delta} | {p.qa_id: "replay" for p in replay}
+    version = reg.create_version(
+        run_id=run_id,
+        base_model=identity.get("name") or str(base_path),
+        base_model_sha256=identity["sha256"],
+        data_hash=outcome.data_hash,
+        params=outcome.params,
+        parent_version=champion.version if champion is not None else None,
+        kind=kind,  # type: ignore[arg-type]
+        artifact_uri=str(outcome.artifact_dir),
+        artifact_sha256=outcome.sha256,
+        actor="refresh",
+        trained_pairs=roles,
+    )
+    _say(progress, f"train: registered candidate v{version} ({outcome.metrics.get('seconds')} s)")
+    return TrainSummary(
+        version=version,
+        reused_artifact=outcome.reused,
+        delta_pairs=len(delta),
+        replay_pairs=len(replay),
+        metrics={k: v for k, v in outcome.metrics.items() if k not in ("losses", "aux_losses")},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate
+
+
+@dataclass
+class EvaluateSummary:
+    version: int
+    has_champion: bool
+    champion_note: str | None
+    sizes: dict[str, int] = field(default_factory=dict)
+    means: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+
+def scores_path(settings: Settings, version: int) -> Path:
+    return settings.home / "evaluations" / f"v{version}.json"
+
+
+def build_suites(settings: Settings, reg: Registry, version: int) -> list:
+    """The evaluation suites for a candidate: its delta's held-out pairs (closed and open book),
+    a sample of its trained pairs (recall), earlier deltas' held-out pairs, and the world holdout."""
+    from tasks.evaluate import EvalItem, Suite
+    from tasks.holdout import holdout_sample
+
+    lineage = reg.trained_pairs(version)
+    active = {p.qa_id: p for p in reg.qa_pairs()}
+    delta_docs = {active[q].doc_id for q, role in lineage.items() if role == "delta" and q in active}
+    replay_docs = {active[q].doc_id for q, role in lineage.items() if role == "replay" and q in active}
+    eval_pairs = reg.qa_pairs(split="eval")
+    new = [p for p in eval_pairs if p.doc_id in delta_docs]
+    retained = [p for p in eval_pairs if p.doc_id in replay_docs - delta_docs]
+    recall = sorted((active[q] for q, r in lineage.items() if r == "delta" and q in active), key=lambda p: p.qa_id)
+    suites = [
+        Suite("new_knowledge", [EvalItem(p.question, p.answer) for p in new]),
+        Suite("trained_recall", [EvalItem(p.question, p.answer) for p in recall[: settings.recall_sample]]),
+    ]
+    if new:
+        suites.append(Suite("new_knowledge", open_book_items(settings, [(p.question, p.answer) for p in new]), "open"))
+    if retained:
+        suites.append(Suite("retention", [EvalItem(p.question, p.answer) for p in retained]))
+    holdout = holdout_sample(settings.holdout_size, settings.seed)
+    if holdout:
+        suites.append(Suite("world_knowledge", [EvalItem(h.question, h.answer) for h in holdout], nll=True))
+    return suites
+
+
+def open_book_items(settings: Settings, qa: list[tuple[str, str]], k: int = 3) -> list:
+    """Items whose context is the top-k chunks retrieved from the index for each question."""
+    from storage.vectors import CHUNKS, VectorStore
+    from tasks.evaluate import EvalItem
+
+    store = VectorStore(settings)
+    hits = store.query(CHUNKS, [q for q, _ in qa], k=k, where={"status": "active"})
+    return [
+        EvalItem(q, a, "\n\n".join(h.text for h in row)) for (q, a), row in zip(qa, hits, strict=True)
+    ]
+
+
+def evaluate_stage(settings: Settings, run_id: str, version: int, progress: Progress | None = None) -> EvaluateSummary:
+    """Base, champion and candidate on every suite; per-item scores saved for the gate, rows in the registry."""
+    from tasks.evaluate import evaluate_versions, evaluation_rows
+
+    reg = Registry.from_settings(settings)
+    cand = reg.get_version(version)
+    path = scores_path(settings, version)
+    base_path, identity = base_model_identity(settings)
+    champion, note = usable_champion(reg, identity["sha256"])
+    if champion is not None and champion.version == version:
+        champion = None
+    if path.exists():
+        saved = json.loads(path.read_text())
+        _say(progress, f"evaluate: v{version} already evaluated, reusing its scores")
+        return EvaluateSummary(version, saved["has_champion"], saved.get("champion_note"), saved["sizes"], saved["means"])
+
+    from storage.artifacts import AdapterStore
+
+    for v in [cand] + ([champion] if champion is not None else []):
+        AdapterStore(Path(v.artifact_uri).parent).verify(Path(v.artifact_uri).name, v.artifact_sha256)
+    suites = build_suites(settings, reg, version)
+    sizes = {s.key: len(s.items) for s in suites}
+    _say(progress, "evaluate: " + ", ".join(f"{k} n={n}" for k, n in sizes.items()))
+    output = evaluate_versions(
+        base_path,
+        suites,
+        candidate_dir=Path(cand.artifact_uri),
+        champion_dir=Path(champion.artifact_uri) if champion is not None else None,
+        max_new_tokens=settings.eval_max_new_tokens,
+        progress=lambda m: _say(progress, f"evaluate: {m}"),
+    )
+    rows = evaluation_rows(output, suites, seed=settings.seed)
+    reg.record_evaluations(
+        [Evaluation(version=version, run_id=run_id, **r) for r in rows]  # type: ignore[arg-type]
+    )
+    means = {
+        key: {model: {m: float(sum(v) / len(v)) for m, v in metrics.items() if v} for model, metrics in by.items()}
+        for key, by in output.scores.items()
+    }
+    samples = {
+        key: [
+            {"question": it.question, "gold": it.answer, **{m: output.predictions[key][m][i] for m in output.predictions[key]}}
+            for i, it in enumerate(s.items[:10])
+        ]
+        for s in suites
+        if (key := s.key) in output.predictions
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "version": version,
+                "has_champion": champion is not None,
+                "champion_version": champion.version if champion is not None else None,
+                "champion_note": note,
+                "sizes": sizes,
+                "means": means,
+                "scores": output.scores,
+                "samples": samples,
+            }
+        )
+    )
+    tmp.replace(path)  # atomic: the gate never reads half a file
+    return EvaluateSummary(version, champion is not None, note, sizes, means)
+
+
+# --------------------------------------------------------------------------------------------------
+# promote
+
+
+@dataclass
+class PromoteSummary:
+    version: int
+    decision: str
+    reasons: list[str]
+
+
+def promote_stage(settings: Settings, run_id: str, version: int, progress: Progress | None = None) -> PromoteSummary:
+    """Apply the gate to the stored scores; record the decision and move the champion alias if promoted."""
+    from tasks.gate import GateThresholds, decide
+
+    reg = Registry.from_settings(settings)
+    saved = json.loads(scores_path(settings, version).read_text())
+    thresholds = GateThresholds(
+        min_gain=settings.gate_min_gain,
+        max_nll_rise=settings.gate_max_nll_rise,
+        max_ra_drop=settings.gate_max_ra_drop,
+        max_retention_drop=settings.gate_max_retention_drop,
+        seed=settings.seed,
+    )
+    decision = decide(saved["scores"], thresholds, has_champion=saved["has_champion"])
+    reasons = ([saved["champion_note"]] if saved.get("champion_note") else []) + decision.reasons
+    reg.set_version_metrics(
+        version, {"evaluation": saved["means"], "sizes": saved["sizes"], "gate": decision.to_dict()}
+    )
+    reg.decide_version(version, decision.status, reasons, actor="gate", run_id=run_id)
+    _say(progress, f"promote: v{version} {decision.status}")
+    for r in reasons:
+        _say(progress, f"  {r}")
+    return PromoteSummary(version, decision.status, reasons)
+
+
+def as_dict(obj) -> dict:
+    return asdict(obj)

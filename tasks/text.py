@@ -1,0 +1,100 @@
+"""Text normalisation and stable hashing shared by ingest, QA generation, dedup and evaluation.
+
+`normalize_answer` is the SQuAD evaluation normalisation (lower case, no punctuation, no articles,
+single spaces) so that answer metrics and answer grounding agree on what "the same answer" means.
+Hashes are sha256 over parts joined by a unit separator, so ("ab", "c") and ("a", "bc") differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+import unicodedata
+from collections import Counter
+
+_PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "–", "—", "…"}
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+# Control characters other than \n and \t (which the whitespace normaliser handles).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+#: Small English stopword list for "content word" checks (question/sentence overlap); no NLTK needed.
+STOPWORDS = frozenset(
+    """a an the and or but if of at by for with about against between into through during before after
+    above below to from up down in out on off over under again further then once here there when where
+    why how all any both each few more most other some such no nor not only own same so than too very
+    can will just should now is are was were be been being have has had having do does did doing what
+    which who whom whose this that these those am i me my we our you your he him his she her it its they
+    them their as also per vs""".split()
+)
+
+
+_PUNCT_TABLE = str.maketrans("", "", "".join(_PUNCT))
+
+
+def _strip_punct(text: str) -> str:
+    return text.translate(_PUNCT_TABLE)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: NFKC, lower case, punctuation and articles removed, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = _strip_punct(text)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def normalize_question(text: str) -> str:
+    """Question key: NFKC, lower case, punctuation removed, whitespace collapsed (articles kept:
+    "a" vs "the" can change what a question asks less often than it changes the wording)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(_strip_punct(text).split())
+
+
+def content_words(text: str) -> set[str]:
+    """Normalised non-stopword tokens of `text`."""
+    return {w for w in normalize_answer(text).split() if w not in STOPWORDS}
+
+
+def token_f1(a: str, b: str) -> float:
+    """Token-level F1 between two normalised strings (SQuAD style)."""
+    ta, tb = normalize_answer(a).split(), normalize_answer(b).split()
+    if not ta or not tb:
+        return float(ta == tb)
+    common = sum((Counter(ta) & Counter(tb)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(ta), common / len(tb)
+    return 2 * p * r / (p + r)
+
+
+def contains_span(haystack: str, needle: str) -> bool:
+    """True when normalised `needle` occurs as a whole-token span of normalised `haystack`."""
+    n = normalize_answer(needle)
+    return bool(n) and f" {n} " in f" {normalize_answer(haystack)} "
+
+
+def stable_hash(*parts: object, length: int = 64) -> str:
+    """Hex sha256 over `parts` (str() of each) joined by a unit separator; truncated to `length`."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
+    return digest[:length]
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def qa_key(question: str, answer: str) -> str:
+    """Exact-duplicate key of a QA pair: hash of the normalised question and normalised answer."""
+    return stable_hash(normalize_question(question), normalize_answer(answer), length=32)
+
+
+def normalize_whitespace(text: str) -> str:
+    """NFC, control characters dropped, runs of spaces collapsed, lines stripped, at most one blank
+    line in a row (paragraph breaks survive: the sentence splitter uses them)."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text).replace("\t", " ")
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()

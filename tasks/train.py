@@ -1,0 +1,157 @@
+"""Train stage: a MoRAL candidate adapter on the delta's train split (plus replayed earlier pairs).
+
+The adapter directory is keyed by what determines its weights (training data, parameters, base
+model, parent), so a run that crashed after training but before registering finds the finished
+artifact and does not pay for training twice.  Files are written to a temporary directory and
+renamed, so no half-written adapter is ever visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from storage.artifacts import AdapterStore, ArtifactError
+from storage.settings import Settings
+
+
+@dataclass(frozen=True)
+class TrainPair:
+    qa_id: str
+    question: str
+    answer: str
+    group: int = 0  # 0 = new knowledge (the delta), 1 = retained knowledge (replay)
+
+
+@dataclass
+class TrainOutcome:
+    artifact_dir: Path
+    sha256: str
+    data_hash: str
+    params: dict
+    metrics: dict = field(default_factory=dict)
+    reused: bool = False
+
+
+def data_hash(pairs: Sequence[TrainPair]) -> str:
+    """Order-independent hash of the training pairs (ids and texts)."""
+    h = hashlib.sha256()
+    for p in sorted(pairs, key=lambda p: p.qa_id):
+        h.update(json.dumps([p.qa_id, p.question, p.answer, p.group]).encode())
+    return h.hexdigest()
+
+
+def train_params(settings: Settings, kind: str = "moral") -> dict:
+    """Every setting that changes the trained weights, recorded with the version."""
+    params = {
+        "kind": kind,
+        "rank": settings.rank,
+        "alpha": settings.alpha,
+        "epochs": settings.epochs,
+        "learning_rate": settings.learning_rate,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "warm_start": settings.warm_start,
+    }
+    if kind == "moral":
+        params.update(num_experts=settings.num_experts, top_k=settings.top_k)
+    return params
+
+
+def artifact_key(dhash: str, params: dict, base_sha256: str, parent_key: str | None) -> str:
+    blob = json.dumps({"data": dhash, "params": params, "base": base_sha256, "parent": parent_key}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def train_candidate(
+    settings: Settings,
+    base_path: Path,
+    base_sha256: str,
+    pairs: Sequence[TrainPair],
+    *,
+    parent_dir: Path | None = None,
+    kind: str = "moral",
+    progress: Callable[[dict], None] | None = None,
+) -> TrainOutcome:
+    """Train (or find already trained) the candidate adapter; returns where it lies and its checksum."""
+    if not pairs:
+        raise ValueError("no training pairs: nothing to train")
+    params = train_params(settings, kind)
+    dhash = data_hash(pairs)
+    parent_key = parent_dir.name if (parent_dir is not None and settings.warm_start) else None
+    key = artifact_key(dhash, params, base_sha256, parent_key)
+    store = AdapterStore(settings.adapters_dir)
+    if store.exists(key):
+        try:
+            store.verify(key)
+            metrics = json.loads((store.path(key) / "train_metrics.json").read_text())
+            sha = AdapterStore.checksum(store.path(key))
+            return TrainOutcome(store.path(key), sha, dhash, params, metrics, reused=True)
+        except (ArtifactError, OSError, ValueError):
+            store.delete(key)  # a corrupt leftover is never reused
+
+    # Heavy imports only here: a run with nothing to train never loads torch.
+    from moe.base_model import load_base_model
+    from moe.config import MoRALConfig
+    from moe.lora import make_lora_model
+    from moe.model import MoRALModel
+    from moe.train import Example, TrainConfig, train
+
+    base, tokenizer = load_base_model(base_path)
+    if kind == "moral":
+        if parent_dir is not None and settings.warm_start:
+            model = MoRALModel.from_pretrained(base, parent_dir)
+            for name, p in model.named_parameters():
+                p.requires_grad = "base_model" not in name or "experts" in name or "router" in name
+        else:
+            cfg = MoRALConfig(
+                num_experts=settings.num_experts,
+                top_k=settings.top_k,
+                rank=settings.rank,
+                alpha=settings.alpha,
+                base_model_name_or_path=str(base_path),
+                base_model_sha256=base_sha256,
+            )
+            model = MoRALModel(base, cfg)
+    else:
+        model = make_lora_model(base, rank=settings.rank, alpha=settings.alpha)
+
+    examples = [Example(question=p.question, answer=p.answer, sample_group=p.group) for p in pairs]
+    tcfg = TrainConfig(
+        epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
+    started = time.perf_counter()
+    result = train(model, tokenizer, examples, tcfg, callback=progress)
+    seconds = time.perf_counter() - started
+    metrics = {
+        "train_pairs": len(pairs),
+        "steps": result.steps,
+        "seconds": round(seconds, 2),
+        "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "losses": [round(x, 5) for x in result.losses],
+        "aux_losses": [round(x, 6) for x in getattr(result, "aux_losses", [])],
+    }
+    if hasattr(model, "expert_stats"):
+        metrics["expert_stats"] = model.expert_stats()
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        (directory / "train_metrics.json").write_text(json.dumps(metrics))
+        (directory / "train_params.json").write_text(json.dumps(params | {"data_hash": dhash}, indent=2))
+
+    info = store.write(key, write)
+    return TrainOutcome(Path(info.uri), info.sha256, dhash, params, metrics)
+
+
+def outcome_dict(outcome: TrainOutcome) -> dict:
+    d = asdict(outcome)
+    d["artifact_dir"] = str(outcome.artifact_dir)
+    return d

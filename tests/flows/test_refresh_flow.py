@@ -1,0 +1,80 @@
+"""The whole refresh flow end to end on a tiny model: real PDFs, DuckDB, Chroma, the Prefect harness,
+and a real HTTP LLM endpoint on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.params import RefreshParams
+from flows.refresh import run_refresh
+from storage.registry import Registry
+from storage.settings import get_settings
+from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def flow_env(settings, monkeypatch, tiny_model_dir, llm_endpoint, prefect_harness):
+    monkeypatch.setenv("MORAL_BASE_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("MORAL_QA_BACKEND", "openai")
+    monkeypatch.setenv("MORAL_QA_BASE_URL", llm_endpoint.base_url)
+    monkeypatch.setenv("MORAL_QA_API_KEY", "sk-test-not-a-secret")
+    monkeypatch.setenv("MORAL_QA_MODEL", "loopback-qa")
+    monkeypatch.setenv("MORAL_HOLDOUT_SIZE", "4")
+    monkeypatch.setenv("MORAL_EPOCHS", "2")
+    monkeypatch.setenv("MORAL_NUM_EXPERTS", "4")
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+def test_refresh_end_to_end_then_rerun_is_a_no_op(flow_env, llm_endpoint, source_dir):
+    settings = flow_env
+    first = run_refresh(RefreshParams(source=str(source_dir)), quiet=True)
+
+    assert first["status"] == "completed"
+    assert first["documents_new"] == 4
+    assert [q["path"].endswith("broken.pdf") for q in first["documents_quarantined"]] == [True]
+    assert first["documents_quarantined"][0]["reason"]
+    assert first["chunks"] > 0 and first["qa_generated"] > 0 and first["qa_indexed"] > 0
+    assert first["llm_calls"] == llm_endpoint.calls > 0
+    assert first["version"] == "v1"
+    assert first["decision"] in ("promoted", "rejected") and first["reasons"]
+
+    reg = Registry(settings.registry_path)
+    [v1] = reg.list_versions()
+    assert v1.status == first["decision"] and v1.decision_reasons == first["reasons"]
+    assert v1.artifact_sha256 and v1.base_model_sha256
+    assert (v1.is_champion is True) == (first["decision"] == "promoted")
+    evals = reg.evaluations(version=1)
+    assert {(e.model, e.suite) for e in evals} >= {
+        ("base", "new_knowledge"), ("candidate", "new_knowledge"), ("candidate", "world_knowledge"),
+    }  # fmt: skip
+    store = VectorStore(settings)
+    assert store.count(CHUNKS) == first["chunks"]
+    assert store.count(QA_PAIRS) == first["qa_indexed"]
+
+    calls_before = llm_endpoint.calls
+    second = run_refresh(RefreshParams(source=str(source_dir)), quiet=True)
+    assert second["status"] == "completed"
+    assert second["documents_new"] == 0 and second["documents_unchanged"] == 4
+    assert second["llm_calls"] == 0 and llm_endpoint.calls == calls_before
+    assert second["qa_generated"] == 0 and second["qa_indexed"] == 0 and second["chunks"] == 0
+    assert second["version"] is None and second["decision"] == "skipped"
+    assert len(reg.list_versions()) == 1
+    assert store.count(QA_PAIRS) == first["qa_indexed"]
+
+
+def test_until_stops_after_a_stage_and_the_next_run_picks_up(flow_env, llm_endpoint, source_dir):
+    settings = flow_env
+    partial = run_refresh(RefreshParams(source=str(source_dir), until="index"), quiet=True)
+    assert partial["decision"] == "skipped" and partial["reasons"] == ["stopped after index"]
+    assert partial["qa_indexed"] > 0 and partial["version"] is None
+    calls = llm_endpoint.calls
+
+    full = run_refresh(RefreshParams(source=str(source_dir)), quiet=True)
+    assert full["llm_calls"] == 0 and llm_endpoint.calls == calls  # nothing paid twice
+    assert full["qa_generated"] == 0 and full["version"] == "v1"
+    assert full["decision"] in ("promoted", "rejected")
+    assert len(Registry(settings.registry_path).list_versions()) == 1

@@ -1,0 +1,93 @@
+"""Indexing into a real Chroma PersistentClient: deterministic ids, first run kept, retire/restore."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
+from tasks.chunking import Page, chunk_pages
+from tasks.dedup import embedding_text
+from tasks.index import index_chunks, index_qa, restore, retire
+from tasks.qa import QAPair
+
+TEXT = (
+    "The Quillfeather Q7 weighs 1.8 kg and carries a maximum payload of 2.4 kg. "
+    "Its battery lasts 42 minutes in calm weather. Harbor Labs released it in March 2024. "
+) * 6
+
+
+@pytest.fixture
+def store(settings, embedder):
+    return VectorStore(settings, embedder)
+
+
+def chunks_of(doc_id: str):
+    return chunk_pages(doc_id, [Page(1, TEXT), Page(2, TEXT)], chunk_tokens=40, overlap=8)
+
+
+def test_index_chunks_is_idempotent_and_keeps_first_run(store):
+    chunks = chunks_of("docA")
+    meta = {"docA": {"path": "/src/a.pdf", "title": "Q7 spec"}}
+    assert index_chunks(store, chunks, meta, "run1") == len(chunks)
+    assert index_chunks(store, chunks, meta, "run2") == 0  # re-running is a no-op
+    assert store.count(CHUNKS) == len(chunks)
+    recs = {r.id: r for r in store.get(CHUNKS, ids=[c.chunk_id for c in chunks])}
+    first = recs[chunks[0].chunk_id].metadata
+    assert first["run_id"] == "run1" and first["doc_id"] == "docA" and first["path"] == "/src/a.pdf"
+    assert first["title"] == "Q7 spec" and first["idx"] == 0 and first["page"] == 1
+    assert first["status"] == "active"
+    assert {r.metadata["page"] for r in recs.values()} == {1, 2}
+    assert recs[chunks[0].chunk_id].text == chunks[0].text
+    # retrieval works on the stored embeddings
+    hit = store.query(CHUNKS, ["How heavy is the Quillfeather Q7?"], k=1)[0][0]
+    assert "1.8 kg" in hit.text
+
+
+def test_index_adds_only_new_ids_in_a_mixed_batch(store):
+    a, b = chunks_of("docA"), chunks_of("docB")
+    index_chunks(store, a, {}, "run1")
+    assert index_chunks(store, a + b + b[:1], {}, "run2") == len(b)  # repeated id counted once
+    runs = {r.metadata["doc_id"]: r.metadata["run_id"] for r in store.get(CHUNKS)}
+    assert runs == {"docA": "run1", "docB": "run2"}
+
+
+def test_index_qa_metadata_and_idempotence(store, embedder):
+    pairs = [
+        QAPair("What is the maximum payload of the Quillfeather Q7?", "2.4 kg", "c1", "docA", "g", "v"),
+        QAPair("How long does the Q7 battery last?", "42 minutes", "c2", "docA", "g", "v"),
+    ]
+    emb = embedder.encode([embedding_text(p.question, p.answer) for p in pairs])
+    assert index_qa(store, pairs, emb, "run1") == 2
+    assert index_qa(store, pairs, emb, "run2") == 0
+    rec = store.get(QA_PAIRS, ids=[pairs[0].qa_id])[0]
+    assert rec.metadata["split"] == pairs[0].split and rec.metadata["run_id"] == "run1"
+    assert rec.metadata["answer"] == "2.4 kg" and rec.metadata["qa_key"] == pairs[0].key
+    assert rec.text == embedding_text(pairs[0].question, pairs[0].answer)
+    with pytest.raises(ValueError):
+        index_qa(store, pairs, emb[:1], "run3")
+
+
+def test_retire_and_restore(store, embedder):
+    a, b = chunks_of("docA"), chunks_of("docB")
+    index_chunks(store, a + b, {}, "run1")
+    pairs = [QAPair("How long does the Q7 battery last?", "42 minutes", a[0].chunk_id, "docA", "g", "v")]
+    index_qa(store, pairs, embedder.encode([embedding_text(pairs[0].question, pairs[0].answer)]), "run1")
+    assert retire(store, ["docA"]) == len(a) + 1
+    assert retire(store, ["docA"]) == 0  # idempotent
+    assert store.count(CHUNKS, where={"status": "active"}) == len(b)
+    assert store.count(QA_PAIRS, where={"status": "retired"}) == 1
+    hits = store.query(CHUNKS, ["battery"], k=50, where={"status": "active"})[0]
+    assert {h.metadata["doc_id"] for h in hits} == {"docB"}
+    assert restore(store, ["docA"]) == len(a) + 1
+    assert store.count(CHUNKS, where={"status": "active"}) == len(a) + len(b)
+
+
+def test_reindexing_a_retired_chunk_reactivates_it(store):
+    a = chunks_of("docA")
+    index_chunks(store, a, {}, "run1")
+    retire(store, ["docA"])
+    assert index_chunks(store, a, {}, "run2") == 0
+    recs = store.get(CHUNKS)
+    assert {r.metadata["status"] for r in recs} == {"active"} and {r.metadata["run_id"] for r in recs} == {
+        "run1"
+    }

@@ -1,0 +1,280 @@
+"""Scanning, parsing (real PDFs built with fpdf2, broken ones, Markdown/HTML/text encodings) and the delta."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+from fpdf import FPDF
+from pypdf import PdfReader, PdfWriter
+
+from tasks.ingest import (
+    ParseError,
+    SourceFile,
+    decode_text,
+    html_to_text,
+    markdown_to_text,
+    parse_document,
+    plan_delta,
+    scan_source,
+)
+
+PAGES = [
+    "The Quillfeather Q7 weighs 1.8 kg and carries a maximum payload of 2.4 kg.",
+    "Its battery lasts 42 minutes in calm weather.",
+    "Harbor Labs released the Q7 in March 2024 at a price of 1,299 dollars.",
+]
+
+
+def make_pdf(pages: list[str], title: str = "Q7 Spec Sheet") -> bytes:
+    pdf = FPDF()
+    pdf.set_title(title)
+    pdf.set_font("Helvetica", size=12)
+    for text in pages:
+        pdf.add_page()
+        pdf.multi_cell(0, 8, text)
+    return bytes(pdf.output())
+
+
+def image_only_pdf() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(buf, format="PNG")
+    buf.seek(0)
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.image(buf, x=10, y=10, w=60)
+    return bytes(pdf.output())
+
+
+def encrypted_pdf(user_password: str) -> bytes:
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(make_pdf(PAGES))))
+    writer.encrypt(user_password=user_password, owner_password="owner-secret", algorithm="AES-128")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def source(path: Path, root: Path) -> SourceFile:
+    data = path.read_bytes()
+    kind = {".pdf": "pdf", ".md": "markdown", ".html": "html", ".htm": "html"}.get(path.suffix, "text")
+    return SourceFile(
+        path, path.relative_to(root).as_posix(), hashlib.sha256(data).hexdigest(), len(data), kind
+    )
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+# --- scan ----------------------------------------------------------------------------------------
+def test_scan_kinds_hashes_and_ignored_files(tmp_path):
+    root = tmp_path / "src"
+    write(root / "a.pdf", make_pdf(PAGES))
+    write(root / "notes/b.md", "# B\n")
+    write(root / "notes/c.markdown", "c")
+    write(root / "d.TXT", "d")
+    write(root / "deep/er/e.htm", "<p>e</p>")
+    write(root / "f.text", "f")
+    write(root / "g.html", "g")
+    write(root / "image.png", b"\x89PNG")  # other extensions: ignored, not quarantined
+    write(root / ".hidden.md", "h")
+    write(root / ".git/x.md", "x")
+    res = scan_source(root, max_file_mb=1)
+    assert [f.rel_path for f in res.files] == [
+        "a.pdf",
+        "d.TXT",
+        "deep/er/e.htm",
+        "f.text",
+        "g.html",
+        "notes/b.md",
+        "notes/c.markdown",
+    ]
+    kinds = {f.rel_path: f.kind for f in res.files}
+    assert kinds["a.pdf"] == "pdf" and kinds["notes/c.markdown"] == "markdown" and kinds["d.TXT"] == "text"
+    assert kinds["deep/er/e.htm"] == "html"
+    b = next(f for f in res.files if f.rel_path == "notes/b.md")
+    assert b.sha256 == hashlib.sha256(b"# B\n").hexdigest() and b.size == 4 and b.path == root / "notes/b.md"
+    assert res.rejected == []
+
+
+def test_scan_quarantines_escaping_symlinks_and_large_files(tmp_path):
+    root, outside = tmp_path / "src", tmp_path / "outside"
+    write(outside / "secret.md", "secret")
+    write(root / "ok.md", "fine")
+    write(root / "big.txt", b"x" * 3000)
+    os.symlink(outside / "secret.md", root / "leak.md")
+    os.symlink(outside, root / "leakdir")
+    os.symlink(root / "ok.md", root / "alias.md")  # inside the root: a normal file
+    res = scan_source(root, max_file_mb=0.001)
+    reasons = {q.path.name: q.reason for q in res.rejected}
+    assert reasons["leak.md"] == "symlink escapes source root"
+    assert reasons["leakdir"] == "symlink escapes source root"
+    assert reasons["big.txt"].startswith("file too large")
+    assert {f.rel_path for f in res.files} == {"ok.md", "alias.md"}
+    assert not any("secret" in f.rel_path for f in res.files)
+
+
+def test_scan_single_file_and_missing_root(tmp_path):
+    f = write(tmp_path / "one.md", "# One")
+    assert [x.rel_path for x in scan_source(f, 1).files] == ["one.md"]
+    with pytest.raises(FileNotFoundError):
+        scan_source(tmp_path / "nope", 1)
+
+
+# --- parse: PDF ----------------------------------------------------------------------------------
+def test_pdf_pages_and_title(tmp_path):
+    f = write(tmp_path / "spec.pdf", make_pdf(PAGES))
+    doc = parse_document(source(f, tmp_path), max_pdf_pages=10)
+    assert [p.number for p in doc.pages] == [1, 2, 3]
+    assert "maximum payload of 2.4 kg" in doc.pages[0].text and "42 minutes" in doc.pages[1].text
+    assert doc.title == "Q7 Spec Sheet"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("truncated.pdf", lambda: make_pdf(PAGES)[:300], "corrupt PDF"),
+        ("random.pdf", lambda: os.urandom(4096), "not a PDF"),
+        ("encrypted.pdf", lambda: encrypted_pdf("user-secret"), "encrypted PDF"),
+        ("image.pdf", image_only_pdf, "no extractable text"),
+        ("empty.pdf", lambda: b"", "empty document"),
+        ("blank.txt", lambda: b"  \n\n\t ", "empty document"),
+        ("binary.txt", lambda: bytes(range(256)) * 20, "undecodable text"),
+    ],
+)
+def test_broken_documents_are_rejected_with_reason(tmp_path, name, data, reason):
+    f = write(tmp_path / name, data())
+    with pytest.raises(ParseError) as err:
+        parse_document(source(f, tmp_path), max_pdf_pages=10)
+    assert reason in err.value.reason
+
+
+def test_pdf_with_owner_password_only_is_read(tmp_path):
+    f = write(tmp_path / "restricted.pdf", encrypted_pdf(""))
+    doc = parse_document(source(f, tmp_path), max_pdf_pages=10)
+    assert len(doc.pages) == 3 and "42 minutes" in doc.pages[1].text
+
+
+def test_pdf_over_page_limit(tmp_path):
+    f = write(tmp_path / "long.pdf", make_pdf(PAGES))
+    with pytest.raises(ParseError, match="too many pages: 3 > 2"):
+        parse_document(source(f, tmp_path), max_pdf_pages=2)
+
+
+# --- parse: Markdown, HTML, text -------------------------------------------------------------------
+def test_markdown_stripped_lightly():
+    md = (
+        "---\ntitle: x\n---\n# Quillfeather Q7\n\nThe **Q7** weighs *1.8 kg*; see [the spec](http://x/spec).\n\n"
+        "![photo](q7.png)\n\n- Range: `12 km`\n> Quoted line.\n\n```python\nprint('payload = 2.4')\n```\n"
+    )
+    text, title = markdown_to_text(md)
+    assert title == "Quillfeather Q7"
+    assert "Quillfeather Q7" in text and "#" not in text and "title: x" not in text
+    assert "The Q7 weighs 1.8 kg; see the spec." in text
+    assert "http" not in text and "**" not in text and "`" not in text
+    assert "Range: 12 km" in text and "Quoted line." in text and "photo" in text
+    assert "print('payload = 2.4')" in text  # code kept verbatim
+
+
+def test_html_visible_text_with_block_breaks():
+    html = (
+        "<html><head><title>Q7 &amp; friends</title><style>p{color:red}</style>"
+        "<script>alert('x')</script></head><body><h1>Quillfeather</h1><p>Weighs 1.8&nbsp;kg.</p>"
+        "<ul><li>Payload 2.4 kg</li><li>Range 12 km</li></ul><noscript>enable js</noscript></body></html>"
+    )
+    text, title = html_to_text(html)
+    assert title == "Q7 & friends"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    assert lines == ["Quillfeather", "Weighs 1.8 kg.", "Payload 2.4 kg", "Range 12 km"]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "prefix"),
+    [("utf-8", b""), ("utf-8-sig", b""), ("utf-16", b""), ("latin-1", b""), ("cp1252", b"")],
+)
+def test_text_encodings(tmp_path, encoding, prefix):
+    text = (
+        "Café Müller report\n\n"
+        + (
+            "Café Müller in Tromsø sold 42 crème brûlée portions for 3,50 € each. "
+            "The naïve façade was repainted in the spring. "
+        )
+        * 3
+    )
+    if encoding == "latin-1":
+        text = text.replace("€", "EUR")
+    f = write(tmp_path / f"doc-{encoding}.txt", prefix + text.encode(encoding))
+    doc = parse_document(source(f, tmp_path), max_pdf_pages=10)
+    assert "Café Müller in Tromsø" in doc.pages[0].text and "crème brûlée" in doc.pages[0].text
+    assert doc.title == "Café Müller report"  # a text file's short first line
+
+
+def test_text_whitespace_normalised(tmp_path):
+    f = write(tmp_path / "ws.txt", "Line  one\t here.\r\n\r\n\r\n\r\nLine two.\x00\n")
+    doc = parse_document(source(f, tmp_path), max_pdf_pages=10)
+    assert doc.pages[0].text == "Line one here.\n\nLine two."
+
+
+def test_decode_text_rejects_bad_utf16():
+    with pytest.raises(ParseError):
+        decode_text(b"\xff\xfe\x00\xd8")  # lone surrogate after a UTF-16 BOM
+
+
+# --- delta -----------------------------------------------------------------------------------------
+def sf(path: str, sha: str) -> SourceFile:
+    return SourceFile(Path(path), path.lstrip("/"), sha, 1, "text")
+
+
+def test_plan_delta_cases():
+    files = [
+        sf("/s/new.md", "n1"),
+        sf("/s/same.md", "u1"),
+        sf("/s/moved.md", "r1"),
+        sf("/s/edited.md", "c2"),
+        sf("/s/copy.md", "u1"),  # same bytes as same.md
+        sf("/s/bad.pdf", "q1"),  # known (quarantined) at this path, not active
+    ]
+    known = {
+        "u1": "/s/same.md",
+        "r1": "/s/old-name.md",
+        "c1": "/s/edited.md",
+        "d1": "/s/gone.md",
+        "q1": "/s/bad.pdf",
+    }
+    active = {"/s/same.md": "u1", "/s/old-name.md": "r1", "/s/edited.md": "c1", "/s/gone.md": "d1"}
+    d = plan_delta(files, known, active)
+    assert [f.rel_path for f in d.new] == ["s/new.md"]
+    assert sorted(f.rel_path for f in d.unchanged) == ["s/bad.pdf", "s/same.md"]
+    assert [(r.file.rel_path, r.old_path) for r in d.renamed] == [("s/moved.md", "/s/old-name.md")]
+    assert [(c.file.rel_path, c.old_sha256) for c in d.changed] == [("s/edited.md", "c1")]
+    assert [(x.path, x.sha256) for x in d.deleted] == [("/s/gone.md", "d1")]
+    assert [f.rel_path for f in d.duplicates] == ["s/copy.md"]
+    assert [f.rel_path for f in d.to_process] == ["s/new.md", "s/edited.md"]
+
+
+def test_plan_delta_content_moved_and_path_reused():
+    # a.md's content moved to b.md and a.md got new content: a rename plus a new file, nothing retired.
+    files = [sf("/s/a.md", "new"), sf("/s/b.md", "old")]
+    d = plan_delta(files, {"old": "/s/a.md"}, {"/s/a.md": "old"})
+    assert [f.rel_path for f in d.new] == ["s/a.md"]
+    assert [(r.file.rel_path, r.old_path) for r in d.renamed] == [("s/b.md", "/s/a.md")]
+    assert not d.changed and not d.deleted
+
+
+def test_plan_delta_revert_to_earlier_content():
+    # edited.md went c1 -> c2 (c1 retired), now back to c1: a change that retires c2.
+    d = plan_delta([sf("/s/e.md", "c1")], {"c1": "/s/e.md", "c2": "/s/e.md"}, {"/s/e.md": "c2"})
+    assert [(c.file.sha256, c.old_sha256) for c in d.changed] == [("c1", "c2")]
+
+
+def test_plan_delta_empty_scan_deletes_everything_and_no_registry_means_all_new():
+    assert [x.sha256 for x in plan_delta([], {"a": "/a"}, {"/a": "a"}).deleted] == ["a"]
+    d = plan_delta([sf("/x.md", "x"), sf("/y.md", "x")], {}, {})
+    assert [f.rel_path for f in d.new] == ["x.md"] and [f.rel_path for f in d.duplicates] == ["y.md"]
