@@ -41,14 +41,15 @@ def cmd_versions(args: argparse.Namespace) -> int:
     versions = registry.list_versions() if settings.registry_path.exists() else []
     rows = [
         {
-            "version": format_version(v["version"]),
-            "status": v["status"],
-            "is_champion": v["is_champion"],
-            "created_at": v["created_at"],
-            "kind": v.get("kind"),
-            "parent_version": format_version(v["parent_version"]) if v.get("parent_version") else None,
-            "metrics": v.get("metrics") or {},
-            "decision_reasons": v.get("decision_reasons") or [],
+            "version": v.name,
+            "status": v.status,
+            "is_champion": v.is_champion,
+            "created_at": v.created_at.isoformat(),
+            "kind": v.kind,
+            "parent_version": format_version(v.parent_version) if v.parent_version else None,
+            "base_model": v.base_model,
+            "metrics": v.metrics or {},
+            "decision_reasons": v.decision_reasons or [],
         }
         for v in versions
     ]
@@ -82,12 +83,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moral", description="MoRAL Refresh: keep a language model's knowledge current.")
+    parser = argparse.ArgumentParser(
+        prog="moral", description="MoRAL Refresh: keep a language model's knowledge current."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("refresh", help="run one knowledge refresh (ingest -> QA -> index -> train -> evaluate -> promote)")
+    p = sub.add_parser(
+        "refresh", help="run one knowledge refresh (ingest -> QA -> index -> train -> evaluate -> promote)"
+    )
     p.add_argument("--source", default="examples/docs", help="folder of documents (default: examples/docs)")
-    p.add_argument("--until", choices=["ingest", "qa", "index", "train", "evaluate"], help="stop after this stage")
+    p.add_argument(
+        "--until", choices=["ingest", "qa", "index", "train", "evaluate"], help="stop after this stage"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     p.set_defaults(func=cmd_refresh)
 
@@ -97,15 +104,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="answer a question with the champion adapter (base model when none)")
     p.add_argument("question")
-    p.add_argument("--open-book", action="store_true", help="retrieve passages from the index into the prompt")
+    p.add_argument(
+        "--open-book", action="store_true", help="retrieve passages from the index into the prompt"
+    )
     p.add_argument("--version", help="answer with this version (3 or v3) instead of the champion")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ask)
     return parser
 
 
+def _silence_teardown_noise() -> None:
+    """After a Prefect flow run, DuckDB's nanobind bindings print ~100 lines of "leaked instance"
+    warnings while the interpreter tears modules down (harmless: the process is exiting).  An atexit
+    handler registered first runs last, after Prefect's own handlers (which stop its temporary server
+    and log that), so pointing stderr at /dev/null there hides only the teardown noise."""
+    import atexit
+    import os
+
+    if os.environ.get("MORAL_DEBUG"):
+        return
+
+    def mute() -> None:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+
+    atexit.register(mute)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     apply_runtime_env()
+    _silence_teardown_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

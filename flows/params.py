@@ -13,22 +13,31 @@ Stage = Literal["ingest", "qa", "index", "train", "evaluate"]
 class RefreshParams(BaseModel):
     """Parameters of one knowledge refresh. Unset fields fall back to the ``MORAL_*`` settings."""
 
-    source: str = Field("examples/docs", description="Folder of documents to ingest (PDF, Markdown, text, HTML).")
+    source: str = Field(
+        "examples/docs", description="Folder of documents to ingest (PDF, Markdown, text, HTML)."
+    )
     until: Stage | None = Field(
-        None, description="Stop after this stage (ingest, qa, index, train, evaluate); a later run picks up from there."
+        None,
+        description="Stop after this stage (ingest, qa, index, train, evaluate); a later run picks up from there.",
     )
     qa_backend: Literal["local", "openai"] | None = Field(
         None, description="QA generator: 'local' (bundled model) or 'openai' (endpoint from settings)."
     )
     epochs: int | None = Field(None, ge=1, description="Training epochs (default: MORAL_EPOCHS).")
-    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate (default: MORAL_LEARNING_RATE).")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate (default: MORAL_LEARNING_RATE)."
+    )
     num_experts: int | None = Field(None, ge=1, description="LoRA experts per adapted linear.")
     top_k: int | None = Field(None, ge=1, description="Experts per token.")
-    holdout_size: int | None = Field(None, ge=0, description="FanOutQA world-knowledge holdout size (0 disables).")
+    holdout_size: int | None = Field(
+        None, ge=0, description="FanOutQA world-knowledge holdout size (0 disables)."
+    )
     gate_min_gain: float | None = Field(None, description="Minimum new-knowledge RA gain to promote.")
     gate_max_nll_rise: float | None = Field(None, ge=0, description="Max relative world-knowledge NLL rise.")
     gate_max_ra_drop: float | None = Field(None, ge=0, description="Max world-knowledge RA drop (points).")
-    gate_max_retention_drop: float | None = Field(None, ge=0, description="Max domain-retention RA drop (points).")
+    gate_max_retention_drop: float | None = Field(
+        None, ge=0, description="Max domain-retention RA drop (points)."
+    )
     max_llm_calls: int | None = Field(None, ge=0, description="Per-run cap on LLM calls for QA generation.")
     max_llm_tokens: int | None = Field(None, ge=0, description="Per-run cap on LLM tokens for QA generation.")
 

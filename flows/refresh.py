@@ -38,7 +38,10 @@ def _flow_run_id() -> str | None:
         return None
 
 
-@flow(name="knowledge-refresh", description="Ingest new documents, generate QA, index, train, evaluate, promote.")
+@flow(
+    name="knowledge-refresh",
+    description="Ingest new documents, generate QA, index, train, evaluate, promote.",
+)
 def knowledge_refresh(params: RefreshParams = RefreshParams()) -> dict:  # noqa: B008 - pydantic defaults are immutable here
     """One knowledge refresh. Returns the run summary (also stored with the run in the registry)."""
     started = time.perf_counter()
@@ -46,7 +49,13 @@ def knowledge_refresh(params: RefreshParams = RefreshParams()) -> dict:  # noqa:
     settings.ensure_dirs()
     reg = Registry.from_settings(settings)
     run_id = reg.start_run(params.model_dump(), flow_run_id=_flow_run_id())
-    summary: dict = {"run_id": run_id, "status": "running", "version": None, "decision": "skipped", "reasons": []}
+    summary: dict = {
+        "run_id": run_id,
+        "status": "running",
+        "version": None,
+        "decision": "skipped",
+        "reasons": [],
+    }
     try:
         ing = t.ingest(settings, Path(params.source), run_id)
         summary.update(_ingest_fields(ing))
@@ -57,7 +66,9 @@ def knowledge_refresh(params: RefreshParams = RefreshParams()) -> dict:  # noqa:
         if params.until == "qa":
             return _finish(reg, summary, started, stopped="qa")
         idx = t.dedup_and_index(settings, run_id)
-        summary.update(qa_duplicates=idx.qa_duplicates, qa_indexed=idx.qa_indexed, chunks_indexed=idx.chunks_indexed)
+        summary.update(
+            qa_duplicates=idx.qa_duplicates, qa_indexed=idx.qa_indexed, chunks_indexed=idx.chunks_indexed
+        )
         if params.until == "index":
             return _finish(reg, summary, started, stopped="index")
         tr = t.train(settings, run_id)

@@ -47,5 +47,13 @@ def answer_question(
         hits = VectorStore(settings).query(CHUNKS, [question], k=3, where={"status": "active"})[0]
         context = "\n\n".join(h.text for h in hits)
         sources = [{"id": h.id, "path": h.metadata.get("path"), "similarity": h.similarity} for h in hits]
-    answer = generate_answers(model, tokenizer, [question], contexts=[context] if open_book else None, max_new_tokens=64)[0]
-    return {"question": question, "answer": answer, "version": name, "open_book": open_book, "sources": sources}
+    answer = generate_answers(
+        model, tokenizer, [question], contexts=[context] if open_book else None, max_new_tokens=64
+    )[0]
+    return {
+        "question": question,
+        "answer": answer,
+        "version": name,
+        "open_book": open_book,
+        "sources": sources,
+    }

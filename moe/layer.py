@@ -1,17 +1,23 @@
 """Stacked LoRA experts on a frozen linear, and the per-FFN-block router that feeds them.
 
-The E experts of a linear are stored stacked: ``moral_A`` [E*r, d_in] (expert e = rows e*r:(e+1)*r)
-and ``moral_B`` [d_out, E*r]. With gates g [T, E] (top-k renormalised, zero elsewhere, LoRA scaling
-folded in) the mixture is two GEMMs and a broadcast multiply, no loop over experts, no host sync:
+The E experts of a linear are stored stacked: ``moral_A`` [E*r, d_in] and ``moral_B`` [E*r, d_out]
+(expert e = rows e*r:(e+1)*r of both; B is kept transposed so an expert's rows are contiguous).
+With gates g [T, E] (top-k renormalised, zero elsewhere, LoRA scaling folded in) the mixture is two
+GEMMs and a broadcast multiply, no loop over experts, no host sync (the "dense" plan):
 
-    u = dropout(x) @ A.T                       # [T, E*r]
-    u = (u.view(T, E, r) * g[:, :, None])      # zero for experts outside the top-k
-    y = addmm(base(x), u.view(T, E*r), B.T)    # base + sum_e g_e * B_e A_e x in one kernel
+    u = dropout(x) @ A.T                         # [T, E*r]
+    u = u.view(T, 1, E, r) * g.view(T, 1, E, 1)  # zero for experts outside the top-k
+    y = addmm(base(x), u.view(T, E*r), B)        # base + sum_e g_e * B_e A_e x in one kernel
+
+Batch-1 token-by-token decoding (one token, no autograd) uses the "sparse" plan instead: only the
+chosen experts' rows of A and B are gathered, so each step reads k/E of the adapter weights
+(decoding is memory-bound: reading all eight experts costs ~8% more bytes per token than the base).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoRALConfig
-from .router import Router
+from .router import Router, RouterRecord
 
 try:  # GPT-2 style layers store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -40,6 +46,26 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"MoRAL adapts nn.Linear or transformers Conv1D layers, got {type(module).__name__}")
 
 
+@dataclass
+class Plan:
+    """How one routed call mixes its experts: dense (``gates4``) or sparse (``experts``, ``weights4``)."""
+
+    gates4: Tensor | None = None  # [T, 1, E, 1] gates, scaling folded in
+    experts: Tensor | None = None  # [k] the experts chosen for the single token (sparse plan)
+    weights4: Tensor | None = None  # [1, 1, k, 1] their gates
+
+
+def make_plan(record: RouterRecord, dtype: torch.dtype) -> Plan:
+    """Sparse plan for one token without autograd (KV-cache decoding), dense otherwise."""
+    idx = record.topk_idx
+    num_tokens, num_experts = record.logits.shape
+    if idx is not None and num_tokens == 1 and not torch.is_grad_enabled():
+        weights = record.weights if record.weights.dtype == dtype else record.weights.to(dtype)
+        return Plan(experts=idx.view(-1), weights4=weights.view(1, 1, -1, 1))  # [1, k] -> [1, 1, k, 1]
+    gates = record.gates if record.gates.dtype == dtype else record.gates.to(dtype)
+    return Plan(gates4=gates.view(num_tokens, 1, num_experts, 1))  # [T, E] -> [T, 1, E, 1]
+
+
 class MoRALLinear(nn.Module):
     """A frozen linear plus E stacked LoRA experts mixed by a router's gates."""
 
@@ -48,13 +74,13 @@ class MoRALLinear(nn.Module):
         self.in_features, self.out_features = linear_features(base_layer)
         self.base_layer = base_layer
         self.num_experts, self.rank, self.scaling = config.num_experts, config.rank, config.scaling
-        self.dropout = config.dropout
+        self.top_k, self.dropout = config.top_k, config.dropout
         weight = base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         stacked = config.num_experts * config.rank
         self.moral_A = nn.Parameter(torch.empty(stacked, self.in_features, dtype=dtype, device=weight.device))
         self.moral_B = nn.Parameter(
-            torch.zeros(self.out_features, stacked, dtype=dtype, device=weight.device)
+            torch.zeros(stacked, self.out_features, dtype=dtype, device=weight.device)
         )
         # Like peft: kaiming-uniform A (fan_in = d_in, the same bound as one [r, d_in] expert), zero B,
         # so a fresh adapter leaves the base model's outputs unchanged.
@@ -65,16 +91,25 @@ class MoRALLinear(nn.Module):
         self.block: BlockRouter | None = None
         self.slot = -1  # index in the block's fused input-side product; -1 = computes its own
 
-    def gated_product(self, x2: Tensor, gates4: Tensor) -> Tensor:
-        """dropout(x2) [T, d_in] through the stacked A, each expert's r columns times its gate.
-
-        gates4: [T, 1, E, 1] (scaling folded in). Returns u [T, E*r].
-        """
+    def project(self, x2: Tensor, plan: Plan) -> Tensor:
+        """Gated low-rank input: dense [T, E*r] (zeros off the top-k) or sparse [1, k*r]."""
         if self.training and self.dropout > 0:
             x2 = F.dropout(x2, self.dropout, training=True)
-        u = x2 @ self.moral_A.t()  # [T, E*r]
-        num_tokens = u.shape[0]
-        return (u.view(num_tokens, 1, self.num_experts, self.rank) * gates4).view(num_tokens, -1)  # [T, E*r]
+        num_tokens, rank = x2.shape[0], self.rank
+        if plan.experts is None:
+            u = F.linear(x2, self.moral_A)  # x2 @ A.T: [T, E*r]
+            u = u.view(num_tokens, 1, self.num_experts, rank) * plan.gates4  # [T, 1, E, r]
+            return u.view(num_tokens, -1)  # [T, E*r]
+        a = self.moral_A.view(self.num_experts, rank, -1).index_select(0, plan.experts)  # [k, r, d_in]
+        u = F.linear(x2, a.view(-1, self.in_features))  # [1, k*r]: only the chosen experts' rows are read
+        return (u.view(1, 1, -1, rank) * plan.weights4).view(1, -1)  # [1, k*r]
+
+    def add_delta(self, base2: Tensor, u: Tensor, plan: Plan) -> Tensor:
+        """base2 [T, d_out] + u @ B in one kernel, over all experts or the chosen ones."""
+        if plan.experts is None:
+            return torch.addmm(base2, u, self.moral_B)  # [T, d_out]
+        b = self.moral_B.view(self.num_experts, self.rank, -1).index_select(0, plan.experts)  # [k, r, d_out]
+        return torch.addmm(base2, u, b.view(-1, self.out_features))  # [1, d_out]
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_layer(x)
@@ -83,21 +118,21 @@ class MoRALLinear(nn.Module):
         num_tokens = base.numel() // self.out_features
         block = self.block
         if block is not None:
-            if block.gates4 is None:
+            plan = block.plan
+            if plan is None:
                 raise RuntimeError(
                     "a block-scope MoRAL linear ran outside its block's forward (no router gates); "
                     "call the enclosing block, or use router_scope='linear'"
                 )
             if self.slot >= 0 and x is block.block_input:  # gate/up: product precomputed by the block
-                u = block.products[:, self.slot]  # [T, E*r], a strided view
+                u = block.products[:, self.slot]  # [T, E*r] or [T, k*r], a strided view
             else:  # e.g. down_proj: its own input, the block's gates
-                u = self.gated_product(x.reshape(num_tokens, self.in_features), block.gates4)
+                u = self.project(x.reshape(num_tokens, self.in_features), plan)
         else:
             assert self.moral_router is not None
-            gates = self.moral_router(x)  # [T, E], scaling folded in
-            gates4 = gates.view(num_tokens, 1, self.num_experts, 1)  # [T, E] -> [T, 1, E, 1]
-            u = self.gated_product(x.reshape(num_tokens, self.in_features), gates4)
-        out = torch.addmm(base.reshape(num_tokens, self.out_features), u, self.moral_B.t())  # [T, d_out]
+            plan = make_plan(self.moral_router(x), x.dtype)
+            u = self.project(x.reshape(num_tokens, self.in_features), plan)
+        out = self.add_delta(base.reshape(num_tokens, self.out_features), u, plan)  # [T, d_out]
         return out.view(base.shape)
 
     def extra_repr(self) -> str:
@@ -111,7 +146,7 @@ class BlockRouter(Router):
 
     Its gates (scaling folded in) are shared by every adapted linear of the block. The input-side
     linears (gate/up) also share one dropout of the block input and one GEMM over their
-    concatenated A matrices; each then only adds ``u_i @ B_i.T`` to its base output.
+    concatenated A matrices; each then only adds ``u_i @ B_i`` to its base output.
     """
 
     def __init__(self, in_features: int, config: MoRALConfig, device: torch.device | None = None) -> None:
@@ -126,9 +161,9 @@ class BlockRouter(Router):
         )
         self.rank, self.dropout = config.rank, config.dropout
         self.input_side: list[MoRALLinear] = []  # plain list: the linears are registered on the block
-        # Per block call (cleared after it): the input, gates [T, 1, E, 1], products [T, n, E*r].
+        # Per block call (cleared after it): its input, routing plan and input-side products [T, n, *].
         self.block_input: Tensor | None = None
-        self.gates4: Tensor | None = None
+        self.plan: Plan | None = None
         self.products: Tensor | None = None
         self._a_cache: tuple[tuple[tuple[int, int], ...], Tensor] | None = None
 
@@ -144,36 +179,43 @@ class BlockRouter(Router):
             block.register_forward_hook(self._after_block),
         ]
 
-    def _stacked_input_a_t(self) -> Tensor:
-        """[d, n*E*r]: the input-side A matrices concatenated, transposed (a view)."""
+    def _stacked_input_a(self) -> Tensor:
+        """[n*E*r, d]: the input-side A matrices concatenated (cached while no gradient is recorded)."""
         weights = [layer.moral_A for layer in self.input_side]
         if len(weights) == 1:
-            return weights[0].t()
+            return weights[0]
         if torch.is_grad_enabled():
-            return torch.cat(weights).t()  # autograd splits the gradient back to each A
+            return torch.cat(weights)  # autograd splits the gradient back to each A
         # Inference (e.g. token-by-token decoding): re-use the copy until a weight changes in place.
         key = tuple((w.data_ptr(), w._version) for w in weights)
         if self._a_cache is None or self._a_cache[0] != key:
-            self._a_cache = (key, torch.cat(weights).t())
+            self._a_cache = (key, torch.cat(weights))
         return self._a_cache[1]
 
     def _before_block(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
         if not self.enabled or not isinstance(x, Tensor):
-            self.block_input, self.gates4, self.products, self.last = None, None, None, None
+            self.block_input, self.plan, self.products, self.last = None, None, None, None
             return
-        gates = self.forward(x)  # [T, E], scaling folded in
-        num_tokens = gates.shape[0]
-        self.gates4 = gates.view(num_tokens, 1, self.num_experts, 1)  # [T, E] -> [T, 1, E, 1]
-        self.block_input = x
-        if self.input_side:
-            x2 = x.reshape(num_tokens, self.in_features)  # [T, d]
-            if self.training and self.dropout > 0:
-                x2 = F.dropout(x2, self.dropout, training=True)  # one dropout shared by gate and up
-            u = x2 @ self._stacked_input_a_t()  # [T, n*E*r]: one GEMM for every input-side linear
-            u = u.view(num_tokens, len(self.input_side), self.num_experts, self.rank)  # [T, n, E, r]
-            self.products = (u * self.gates4).view(num_tokens, len(self.input_side), -1)  # [T, n, E*r]
+        plan = make_plan(self.forward(x), x.dtype)
+        self.plan, self.block_input = plan, x
+        if not self.input_side:
+            return
+        n, rank = len(self.input_side), self.rank
+        x2 = x.reshape(-1, self.in_features)  # [T, d]
+        num_tokens = x2.shape[0]
+        if self.training and self.dropout > 0:
+            x2 = F.dropout(x2, self.dropout, training=True)  # one dropout shared by gate and up
+        a = self._stacked_input_a()  # [n*E*r, d]
+        if plan.experts is None:
+            u = F.linear(x2, a)  # x2 @ A.T: [T, n*E*r], one GEMM for every input-side linear
+            u = u.view(num_tokens, n, self.num_experts, rank) * plan.gates4  # [T, n, E, r]
+            self.products = u.view(num_tokens, n, -1)  # [T, n, E*r]
+        else:  # one token: gather the chosen experts' rows of every input-side A
+            a = a.view(n, self.num_experts, rank, -1).index_select(1, plan.experts)  # [n, k, r, d]
+            u = F.linear(x2, a.view(-1, self.in_features))  # [1, n*k*r]
+            self.products = (u.view(1, n, -1, rank) * plan.weights4).view(1, n, -1)  # [1, n, k*r]
 
     def _after_block(self, block: nn.Module, args: tuple, output: Any) -> None:
         # Drop per-call references so activations are not kept alive past the block in inference.
-        self.block_input, self.gates4, self.products = None, None, None
+        self.block_input, self.plan, self.products = None, None, None

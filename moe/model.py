@@ -375,8 +375,8 @@ class MoRALModel(nn.Module):
     ) -> dict[int, dict[str, list[str]]]:
         """Initialise experts from peft LoRA adapters of the same base model (one adapter per expert).
 
-        A LoRA of rank r_l <= rank fills the expert's first r_l rows of A / columns of B; the other
-        B columns are zeroed (their A rows keep their random init so they can still learn), so the
+        A LoRA of rank r_l <= rank fills the expert's first r_l rows of A and of (transposed) B; its
+        other B rows are zeroed (their A rows keep their random init so they can still learn), so the
         expert's delta equals the LoRA's exactly. r_l > rank raises (truncation would change the
         delta). B is rescaled by (alpha_l/r_l) / (alpha/rank) to compensate the scaling difference.
         Returns, per expert, the modules loaded, left at their init ("missing"), and ignored.
@@ -403,10 +403,10 @@ class MoRALModel(nn.Module):
                 if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
                     raise ValueError(f"{directory}: LoRA shapes at {name} do not fit the base model")
                 rows = slice(expert * r, expert * r + r_l)
-                with torch.no_grad():
+                with torch.no_grad():  # moral_B is stored transposed: [E*r, d_out]
                     layer.moral_A[rows].copy_(a)
-                    layer.moral_B[:, expert * r : (expert + 1) * r].zero_()
-                    layer.moral_B[:, rows].copy_(b * (scale / layer.scaling))
+                    layer.moral_B[expert * r : (expert + 1) * r].zero_()
+                    layer.moral_B[rows].copy_(b.t() * (scale / layer.scaling))
                 loaded.append(name)
             if not loaded:
                 raise ValueError(f"{directory}: the LoRA adapts none of this model's MoRAL modules")

@@ -40,16 +40,27 @@ def token_mask(attention_mask: Tensor | None, batch_shape: tuple[int, ...]) -> T
 
 @dataclass
 class RouterRecord:
-    """What a router's most recent forward leaves for the aux losses and the statistics."""
+    """What a router's forward leaves for the experts, the aux losses and the statistics."""
 
     logits: Tensor  # [T, E] fp32 (keeps the autograd graph)
     topk_idx: Tensor | None  # [T, k]; None for dense routing
-    gates: Tensor  # [T, E] gates as applied: top-k renormalised, times ``scale``
-    scale: float  # LoRA scaling folded into ``gates``
+    weights: Tensor  # [T, k] gates of the chosen experts ([T, E] when dense), times ``scale``
+    scale: float  # LoRA scaling folded into the gates
     batch_shape: tuple[int, ...]  # leading dims of the routed input, e.g. (B, S)
     attention_mask: Tensor | None  # the model's mask at that forward ([B, L])
     sample_group: Tensor | None  # [B]
     counted: bool = False  # already added to the statistics
+    _gates: Tensor | None = None
+
+    @property
+    def gates(self) -> Tensor:
+        """[T, E] gates as applied (scaled): the top-k weights, zero elsewhere."""
+        if self._gates is None:
+            if self.topk_idx is None:
+                self._gates = self.weights
+            else:  # [T, k] scattered into [T, E]
+                self._gates = torch.zeros_like(self.logits).scatter_(-1, self.topk_idx, self.weights)
+        return self._gates
 
     @property
     def mask(self) -> Tensor | None:
@@ -63,27 +74,25 @@ class RouterRecord:
 
 
 def topk_gates(logits: Tensor, top_k: int, scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
-    """Gates [T, E] (times ``scale``) and top-k indices [T, k] (None when dense) from logits [T, E].
+    """Top-k weights [T, k] (times ``scale``) and indices [T, k] from logits [T, E].
 
     softmax -> top-k -> renormalise equals a softmax over the k largest logits, which is what is
-    computed. Gates are zero outside the top-k, so the stacked-expert product is exactly the top-k
-    mixture. top_k == E is LoRAMoE's dense softmax. top_k == 1 keeps the raw probability (Switch):
-    a renormalised single gate would be the constant 1 and the router would get no gradient.
+    computed. top_k == E is LoRAMoE's dense softmax: returns ([T, E] probabilities, None).
+    top_k == 1 keeps the raw probability (Switch): a renormalised single gate would be the
+    constant 1 and the router would get no gradient.
     """
-    num_experts = logits.shape[-1]
-    if top_k >= num_experts:
+    if top_k >= logits.shape[-1]:
         return logits.softmax(dim=-1) * scale, None
     values, idx = logits.topk(top_k, dim=-1)  # [T, k]
     if top_k == 1:
         weights = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()  # [T, 1] = p_max
     else:
         weights = values.softmax(dim=-1)  # [T, k], renormalised over the chosen experts
-    gates = torch.zeros_like(logits).scatter_(-1, idx, weights * scale)  # [T, E]
-    return gates, idx
+    return weights * scale, idx
 
 
 class Router(nn.Module):
-    """Linear d -> E (no bias, fp32) followed by ``topk_gates``; keeps a ``RouterRecord``."""
+    """Linear d -> E (no bias, fp32) followed by ``topk_gates``; keeps its last ``RouterRecord``."""
 
     def __init__(
         self,
@@ -105,8 +114,8 @@ class Router(nn.Module):
         self.enabled = True
         self.last: RouterRecord | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [..., d] -> gates [T, E] in x's dtype (scaled), T = product of the leading dims."""
+    def forward(self, x: Tensor) -> RouterRecord:
+        """Route x [..., d] (T = product of the leading dims); the record is also kept as ``last``."""
         batch_shape = tuple(x.shape[:-1])
         xr = x.reshape(-1, self.in_features)  # [T, d]
         if xr.dtype != torch.float32:
@@ -118,12 +127,12 @@ class Router(nn.Module):
                 logits = F.linear(xr, self.weight)  # [T, E]
         else:
             logits = F.linear(xr, self.weight)  # [T, E]
-        gates, idx = topk_gates(logits, self.top_k, self.scale)
+        weights, idx = topk_gates(logits, self.top_k, self.scale)
         ctx = self.context
         self.last = RouterRecord(
-            logits, idx, gates, self.scale, batch_shape, ctx.attention_mask, ctx.sample_group
+            logits, idx, weights, self.scale, batch_shape, ctx.attention_mask, ctx.sample_group
         )
-        return gates if gates.dtype == x.dtype else gates.to(x.dtype)
+        return self.last
 
 
 @torch.no_grad()

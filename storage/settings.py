@@ -59,26 +59,35 @@ class Settings(BaseSettings):
 
     # --- QA generation -----------------------------------------------------------------------
     qa_backend: Literal["local", "openai"] = Field(
-        "local", description="'local' (the bundled model, offline) or 'openai' (any OpenAI-compatible endpoint)."
+        "local",
+        description="'local' (the bundled model, offline) or 'openai' (any OpenAI-compatible endpoint).",
     )
-    qa_base_url: str | None = Field(None, description="Endpoint for the openai backend; falls back to OPENAI_BASE_URL.")
-    qa_api_key: SecretStr | None = Field(None, description="API key for the openai backend; falls back to OPENAI_API_KEY.")
+    qa_base_url: str | None = Field(
+        None, description="Endpoint for the openai backend; falls back to OPENAI_BASE_URL."
+    )
+    qa_api_key: SecretStr | None = Field(
+        None, description="API key for the openai backend; falls back to OPENAI_API_KEY."
+    )
     qa_model: str | None = Field(None, description="Model name for the openai backend.")
     qa_pairs_per_chunk: int = Field(3, ge=1, le=20, description="QA pairs asked for per chunk.")
     qa_concurrency: int = Field(8, ge=1, le=256, description="Concurrent LLM requests (openai backend).")
     qa_timeout_s: float = Field(60.0, gt=0, description="Per-request timeout for the openai backend.")
     qa_max_retries: int = Field(5, ge=0, description="Retries per LLM request on 429/5xx/timeouts.")
-    max_llm_calls: int | None = Field(None, ge=0, description="Per-run cap on LLM calls; the rest waits for the next run.")
+    max_llm_calls: int | None = Field(
+        None, ge=0, description="Per-run cap on LLM calls; the rest waits for the next run."
+    )
     max_llm_tokens: int | None = Field(None, ge=0, description="Per-run cap on LLM tokens.")
 
     # --- ingestion ---------------------------------------------------------------------------
-    chunk_tokens: int = Field(160, ge=16, description="Chunk size in (whitespace) tokens.")
-    chunk_overlap: int = Field(32, ge=0, description="Overlap between consecutive chunks, in tokens.")
+    chunk_tokens: int = Field(80, ge=16, description="Chunk size in (whitespace) tokens.")
+    chunk_overlap: int = Field(16, ge=0, description="Overlap between consecutive chunks, in tokens.")
     max_file_mb: float = Field(50.0, gt=0, description="Files larger than this are quarantined.")
     max_pdf_pages: int = Field(500, ge=1, description="PDFs with more pages are quarantined.")
 
     # --- dedup -------------------------------------------------------------------------------
-    dedup_threshold: float = Field(0.95, gt=0, le=1, description="Cosine at or above which two questions are duplicates.")
+    dedup_threshold: float = Field(
+        0.95, gt=0, le=1, description="Cosine at or above which two questions are duplicates."
+    )
 
     # --- training ----------------------------------------------------------------------------
     num_experts: int = Field(8, ge=1, description="LoRA experts per adapted linear.")
@@ -96,9 +105,15 @@ class Settings(BaseSettings):
     eval_max_new_tokens: int = Field(24, ge=1, description="Tokens generated per evaluation answer.")
     recall_sample: int = Field(30, ge=0, description="Trained pairs re-asked to measure recall.")
     holdout_size: int = Field(40, ge=0, description="FanOutQA world-knowledge holdout sample size.")
-    gate_min_gain: float = Field(0.05, description="Minimum new-knowledge RA gain over the champion to promote.")
-    gate_max_nll_rise: float = Field(0.25, ge=0, description="Max relative rise of world-knowledge NLL (0.25 = +25%).")
-    gate_max_ra_drop: float = Field(0.05, ge=0, description="Max drop of world-knowledge RA, in absolute points.")
+    gate_min_gain: float = Field(
+        0.05, description="Minimum new-knowledge RA gain over the champion to promote."
+    )
+    gate_max_nll_rise: float = Field(
+        0.25, ge=0, description="Max relative rise of world-knowledge NLL (0.25 = +25%)."
+    )
+    gate_max_ra_drop: float = Field(
+        0.05, ge=0, description="Max drop of world-knowledge RA, in absolute points."
+    )
     gate_max_retention_drop: float = Field(0.10, ge=0, description="Max drop of domain-retention RA.")
 
     @field_validator("home", "model_cache", mode="after")

@@ -42,7 +42,9 @@ class Suite:
 @dataclass
 class EvalOutput:
     scores: dict[str, dict[str, dict[str, list[float]]]]  # suite key -> model -> metric -> values
-    predictions: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # suite key -> model -> answers
+    predictions: dict[str, dict[str, list[str]]] = field(
+        default_factory=dict
+    )  # suite key -> model -> answers
 
 
 def evaluate_model(
@@ -65,12 +67,19 @@ def evaluate_model(
         golds = [it.answer for it in suite.items]
         contexts = [it.context for it in suite.items] if suite.mode == "open" else None
         answers = generate_answers(
-            model, tokenizer, questions, contexts=contexts, max_new_tokens=max_new_tokens, batch_size=batch_size
+            model,
+            tokenizer,
+            questions,
+            contexts=contexts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
         )
         per_item = score_answers(answers, golds)
         per_item["ra"] = per_item["ra_contains"]
         if suite.nll:
-            per_item["nll"] = answer_nll(model, tokenizer, questions, golds, contexts=contexts, batch_size=batch_size)
+            per_item["nll"] = answer_nll(
+                model, tokenizer, questions, golds, contexts=contexts, batch_size=batch_size
+            )
         scores[suite.key] = per_item
         preds[suite.key] = answers
     return scores, preds
@@ -94,7 +103,9 @@ def evaluate_versions(
 
     def record(model_name: str, model, tokenizer) -> None:
         say(f"evaluating {model_name}")
-        sc, pr = evaluate_model(model, tokenizer, suites, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        sc, pr = evaluate_model(
+            model, tokenizer, suites, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
         for key, metrics in sc.items():
             out.scores.setdefault(key, {})[model_name] = metrics
             out.predictions.setdefault(key, {})[model_name] = pr[key]

@@ -46,7 +46,9 @@ class IngestSummary:
     chunks_added: int = 0
 
 
-def ingest_stage(settings: Settings, source: Path, run_id: str, progress: Progress | None = None) -> IngestSummary:
+def ingest_stage(
+    settings: Settings, source: Path, run_id: str, progress: Progress | None = None
+) -> IngestSummary:
     """Scan ``source``, work out the delta against the registry, parse and chunk what is new."""
     from tasks.chunking import chunk_pages
     from tasks.ingest import ParseError, parse_document, plan_delta, scan_source
@@ -75,7 +77,12 @@ def ingest_stage(settings: Settings, source: Path, run_id: str, progress: Progre
             out.documents_unchanged += 1
     for r in delta.renamed:
         reg.upsert_document(
-            r.file.sha256, str(r.file.path), source_root=str(source), kind=r.file.kind, size=r.file.size, run_id=run_id
+            r.file.sha256,
+            str(r.file.path),
+            source_root=str(source),
+            kind=r.file.kind,
+            size=r.file.size,
+            run_id=run_id,
         )
         out.documents_renamed.append(str(r.file.path))
     for c in delta.changed:
@@ -93,7 +100,9 @@ def ingest_stage(settings: Settings, source: Path, run_id: str, progress: Progre
             reg.quarantine(f.path, f.sha256, exc.reason, run_id)
             out.documents_quarantined.append({"path": str(f.path), "reason": exc.reason})
             continue
-        reg.upsert_document(f.sha256, str(f.path), source_root=str(source), kind=f.kind, size=f.size, run_id=run_id)
+        reg.upsert_document(
+            f.sha256, str(f.path), source_root=str(source), kind=f.kind, size=f.size, run_id=run_id
+        )
         out.documents_new.append(str(f.path))
         for c in chunk_pages(f.sha256, parsed.pages, settings.chunk_tokens, settings.chunk_overlap):
             chunks.append(ChunkRecord(c.chunk_id, c.doc_id, c.idx, c.text, c.page, c.n_tokens, run_id=run_id))
@@ -324,7 +333,10 @@ def train_stage(
     def on_step(info: dict) -> None:
         step = info.get("step", 0)
         if step == 1 or step % 10 == 0:
-            _say(progress, f"train: step {step} epoch {info.get('epoch')} loss {info.get('loss', float('nan')):.4f}")
+            _say(
+                progress,
+                f"train: step {step} epoch {info.get('epoch')} loss {info.get('loss', float('nan')):.4f}",
+            )
 
     parent_dir = Path(champion.artifact_uri) if champion is not None and champion.artifact_uri else None
     outcome = train_candidate(
@@ -384,13 +396,17 @@ def build_suites(settings: Settings, reg: Registry, version: int) -> list:
     eval_pairs = reg.qa_pairs(split="eval")
     new = [p for p in eval_pairs if p.doc_id in delta_docs]
     retained = [p for p in eval_pairs if p.doc_id in replay_docs - delta_docs]
-    recall = sorted((active[q] for q, r in lineage.items() if r == "delta" and q in active), key=lambda p: p.qa_id)
+    recall = sorted(
+        (active[q] for q, r in lineage.items() if r == "delta" and q in active), key=lambda p: p.qa_id
+    )
     suites = [
         Suite("new_knowledge", [EvalItem(p.question, p.answer) for p in new]),
         Suite("trained_recall", [EvalItem(p.question, p.answer) for p in recall[: settings.recall_sample]]),
     ]
     if new:
-        suites.append(Suite("new_knowledge", open_book_items(settings, [(p.question, p.answer) for p in new]), "open"))
+        suites.append(
+            Suite("new_knowledge", open_book_items(settings, [(p.question, p.answer) for p in new]), "open")
+        )
     if retained:
         suites.append(Suite("retention", [EvalItem(p.question, p.answer) for p in retained]))
     holdout = holdout_sample(settings.holdout_size, settings.seed)
@@ -406,12 +422,12 @@ def open_book_items(settings: Settings, qa: list[tuple[str, str]], k: int = 3) -
 
     store = VectorStore(settings)
     hits = store.query(CHUNKS, [q for q, _ in qa], k=k, where={"status": "active"})
-    return [
-        EvalItem(q, a, "\n\n".join(h.text for h in row)) for (q, a), row in zip(qa, hits, strict=True)
-    ]
+    return [EvalItem(q, a, "\n\n".join(h.text for h in row)) for (q, a), row in zip(qa, hits, strict=True)]
 
 
-def evaluate_stage(settings: Settings, run_id: str, version: int, progress: Progress | None = None) -> EvaluateSummary:
+def evaluate_stage(
+    settings: Settings, run_id: str, version: int, progress: Progress | None = None
+) -> EvaluateSummary:
     """Base, champion and candidate on every suite; per-item scores saved for the gate, rows in the registry."""
     from tasks.evaluate import evaluate_versions, evaluation_rows
 
@@ -425,7 +441,9 @@ def evaluate_stage(settings: Settings, run_id: str, version: int, progress: Prog
     if path.exists():
         saved = json.loads(path.read_text())
         _say(progress, f"evaluate: v{version} already evaluated, reusing its scores")
-        return EvaluateSummary(version, saved["has_champion"], saved.get("champion_note"), saved["sizes"], saved["means"])
+        return EvaluateSummary(
+            version, saved["has_champion"], saved.get("champion_note"), saved["sizes"], saved["means"]
+        )
 
     from storage.artifacts import AdapterStore
 
@@ -447,12 +465,19 @@ def evaluate_stage(settings: Settings, run_id: str, version: int, progress: Prog
         [Evaluation(version=version, run_id=run_id, **r) for r in rows]  # type: ignore[arg-type]
     )
     means = {
-        key: {model: {m: float(sum(v) / len(v)) for m, v in metrics.items() if v} for model, metrics in by.items()}
+        key: {
+            model: {m: float(sum(v) / len(v)) for m, v in metrics.items() if v}
+            for model, metrics in by.items()
+        }
         for key, by in output.scores.items()
     }
     samples = {
         key: [
-            {"question": it.question, "gold": it.answer, **{m: output.predictions[key][m][i] for m in output.predictions[key]}}
+            {
+                "question": it.question,
+                "gold": it.answer,
+                **{m: output.predictions[key][m][i] for m in output.predictions[key]},
+            }
             for i, it in enumerate(s.items[:10])
         ]
         for s in suites
@@ -489,7 +514,9 @@ class PromoteSummary:
     reasons: list[str]
 
 
-def promote_stage(settings: Settings, run_id: str, version: int, progress: Progress | None = None) -> PromoteSummary:
+def promote_stage(
+    settings: Settings, run_id: str, version: int, progress: Progress | None = None
+) -> PromoteSummary:
     """Apply the gate to the stored scores; record the decision and move the champion alias if promoted."""
     from tasks.gate import GateThresholds, decide
 

@@ -63,7 +63,9 @@ def train_params(settings: Settings, kind: str = "moral") -> dict:
 
 
 def artifact_key(dhash: str, params: dict, base_sha256: str, parent_key: str | None) -> str:
-    blob = json.dumps({"data": dhash, "params": params, "base": base_sha256, "parent": parent_key}, sort_keys=True)
+    blob = json.dumps(
+        {"data": dhash, "params": params, "base": base_sha256, "parent": parent_key}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import MoRALConfig, MoRALModel
+from moe.layer import make_plan
 from moe.losses import expert_group_ids, localized_balance_loss, router_z_loss, switch_balance_loss
 from moe.router import ExpertStats, Router, RoutingContext, expert_statistics, token_mask, topk_gates
 from tests.moe.conftest import random_batch, tiny_gpt2, tiny_llama
@@ -24,24 +25,23 @@ def _one_thread():
 
 
 # ----------------------------------------------------------------------------------------- gates
-def test_topk_gates_zero_outside_topk_and_renormalised():
+def test_topk_gates_renormalise_over_the_chosen_experts():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 0.0, 2.0]])
     probs = logits.softmax(-1)
-    gates, idx = topk_gates(logits, 2)
+    weights, idx = topk_gates(logits, 2, scale=2.0)
     assert idx.tolist() == [[0, 1], [1, 3]]
-    assert (gates[0, 2:] == 0).all() and (gates[1, [0, 2]] == 0).all()
-    assert torch.allclose(gates.sum(-1), torch.ones(2))
-    assert torch.allclose(gates[0, 0], probs[0, 0] / (probs[0, 0] + probs[0, 1]))
+    assert torch.allclose(weights.sum(-1), torch.full((2,), 2.0))  # renormalised, times the scale
+    assert torch.allclose(weights[0, 0], 2 * probs[0, 0] / (probs[0, 0] + probs[0, 1]))
 
 
 def test_topk_gates_dense_and_top1():
     logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     probs = logits.softmax(-1)
-    gates, idx = topk_gates(logits, 4, scale=3.0)
-    assert idx is None and torch.allclose(gates, 3 * probs)
-    gates, idx = topk_gates(logits, 1)
+    weights, idx = topk_gates(logits, 4, scale=3.0)
+    assert idx is None and torch.allclose(weights, 3 * probs)
+    weights, idx = topk_gates(logits, 1)
     # top-1 keeps the raw probability (Switch) so the router still receives a gradient
-    assert torch.allclose(gates.sum(-1), probs.max(-1).values)
+    assert torch.allclose(weights[:, 0], probs.max(-1).values)
 
 
 def test_router_records_and_stats_ignore_padding():
@@ -50,10 +50,11 @@ def test_router_records_and_stats_ignore_padding():
         router.weight.copy_(torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]))
     router.context = RoutingContext(attention_mask=torch.tensor([[1, 1, 0]]))
     x = torch.tensor([[[1.0, 0, 0], [-1.0, 0, 0], [-1.0, 0, 0]]])  # [B=1, S=3, d=3]; last token is padding
-    gates = router(x)
+    rec = router(x)
+    assert rec is router.last
     p = 1 / (1 + math.exp(-2))  # softmax([1, -1])[0]
-    assert torch.allclose(gates, torch.tensor([[2 * p, 0.0], [0.0, 2 * p], [0.0, 2 * p]]))  # scale folded in
-    rec = router.last
+    # dense gates: zero off the top-k, scale folded in
+    assert torch.allclose(rec.gates, torch.tensor([[2 * p, 0.0], [0.0, 2 * p], [0.0, 2 * p]]))
     assert rec.mask.tolist() == [1.0, 1.0, 0.0] and rec.topk_idx.flatten().tolist() == [0, 1, 1]
     stats = ExpertStats({"r": router})
     stats.update()
@@ -140,8 +141,8 @@ def _reference_linear(layer, x: torch.Tensor, gates: torch.Tensor) -> torch.Tens
     out = layer.base_layer(x).reshape(x2.shape[0], -1)
     r = layer.rank
     for e in range(layer.num_experts):
-        a, b = layer.moral_A[e * r : (e + 1) * r], layer.moral_B[:, e * r : (e + 1) * r]
-        out = out + gates[:, e : e + 1] * layer.scaling * (x2 @ a.t() @ b.t())
+        a, b = layer.moral_A[e * r : (e + 1) * r], layer.moral_B[e * r : (e + 1) * r]  # [r, d_in], [r, d_out]
+        out = out + gates[:, e : e + 1] * layer.scaling * (x2 @ a.t() @ b)
     return out.view(*x.shape[:-1], -1)
 
 
@@ -227,3 +228,27 @@ def test_training_step_sends_gradients_to_experts_and_router():
     for p in (mlp.moral_router.weight, mlp.gate_proj.moral_A, mlp.up_proj.moral_A, mlp.down_proj.moral_B):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if "moral_" not in n)
+
+
+@pytest.mark.parametrize("scope", ["block", "linear"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sparse_decoding_plan_equals_dense(scope, top_k):
+    """One token without autograd gathers only the chosen experts; it must match the dense product."""
+    model = MoRALModel(
+        tiny_llama(), MoRALConfig(num_experts=8, top_k=top_k, rank=4, router_scope=scope)
+    ).eval()
+    _randomise_b(model)
+    mlp = model.base_model.model.layers[0].mlp
+    x = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(0))  # [B=1, S=1, d]
+    record = (mlp.moral_router if scope == "block" else mlp.gate_proj.moral_router).forward(x)
+    with torch.no_grad():
+        plan = make_plan(record, x.dtype)
+        sparse = mlp(x)
+    assert plan.gates4 is None and plan.experts.tolist() == record.topk_idx.flatten().tolist()
+    with torch.enable_grad():
+        assert make_plan(record, x.dtype).experts is None  # autograd on: the dense plan
+        dense = mlp(x).detach()
+    assert torch.allclose(sparse, dense, atol=1e-6)
+    with torch.no_grad():
+        base = mlp.down_proj.base_layer(F.silu(mlp.gate_proj.base_layer(x)) * mlp.up_proj.base_layer(x))
+    assert not torch.allclose(sparse, base)

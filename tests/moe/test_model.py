@@ -286,7 +286,7 @@ def test_init_experts_from_peft_lora_reproduces_its_delta(tmp_path):
         "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"
     ]
     assert torch.equal(layer.moral_A[4:6], lora_a)  # expert 1, first r_l rows
-    assert torch.equal(layer.moral_B[:, 6:8], torch.zeros(64, 2))  # padding columns stay zero
+    assert torch.equal(layer.moral_B[6:8], torch.zeros(2, 64))  # padding rows of (transposed) B stay zero
 
     with pytest.raises(ValueError, match="exceeds the expert rank"):
         MoRALModel(tiny_llama(), MoRALConfig(**{**SMALL, "rank": 1})).init_experts_from_lora(
