@@ -195,10 +195,13 @@ class BlockRouter(Router):
     def _before_block(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
         if not self.enabled or not isinstance(x, Tensor):
-            self.block_input, self.plan, self.products, self.last = None, None, None, None
+            self._clear()
+            object.__setattr__(self, "last", None)
             return
         plan = make_plan(self.forward(x), x.dtype)
-        self.plan, self.block_input = plan, x
+        # object.__setattr__: nn.Module.__setattr__ costs microseconds per call, per layer, per token.
+        object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "block_input", x)
         if not self.input_side:
             return
         n, rank = len(self.input_side), self.rank
@@ -210,12 +213,16 @@ class BlockRouter(Router):
         if plan.experts is None:
             u = F.linear(x2, a)  # x2 @ A.T: [T, n*E*r], one GEMM for every input-side linear
             u = u.view(num_tokens, n, self.num_experts, rank) * plan.gates4  # [T, n, E, r]
-            self.products = u.view(num_tokens, n, -1)  # [T, n, E*r]
+            products = u.view(num_tokens, n, -1)  # [T, n, E*r]
         else:  # one token: gather the chosen experts' rows of every input-side A
             a = a.view(n, self.num_experts, rank, -1).index_select(1, plan.experts)  # [n, k, r, d]
             u = F.linear(x2, a.view(-1, self.in_features))  # [1, n*k*r]
-            self.products = (u.view(1, n, -1, rank) * plan.weights4).view(1, n, -1)  # [1, n, k*r]
+            products = (u.view(1, n, -1, rank) * plan.weights4).view(1, n, -1)  # [1, n, k*r]
+        object.__setattr__(self, "products", products)
 
     def _after_block(self, block: nn.Module, args: tuple, output: Any) -> None:
-        # Drop per-call references so activations are not kept alive past the block in inference.
-        self.block_input, self.plan, self.products = None, None, None
+        self._clear()  # drop per-call references: no activation outlives the block in inference
+
+    def _clear(self) -> None:
+        for name in ("block_input", "plan", "products"):
+            object.__setattr__(self, name, None)

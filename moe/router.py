@@ -116,7 +116,7 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> RouterRecord:
         """Route x [..., d] (T = product of the leading dims); the record is also kept as ``last``."""
-        batch_shape = tuple(x.shape[:-1])
+        batch_shape = x.shape[:-1]
         xr = x.reshape(-1, self.in_features)  # [T, d]
         if xr.dtype != torch.float32:
             xr = xr.float()
@@ -129,10 +129,11 @@ class Router(nn.Module):
             logits = F.linear(xr, self.weight)  # [T, E]
         weights, idx = topk_gates(logits, self.top_k, self.scale)
         ctx = self.context
-        self.last = RouterRecord(
+        record = RouterRecord(
             logits, idx, weights, self.scale, batch_shape, ctx.attention_mask, ctx.sample_group
         )
-        return self.last
+        object.__setattr__(self, "last", record)  # skips nn.Module.__setattr__ (hot path)
+        return record
 
 
 @torch.no_grad()

@@ -392,3 +392,13 @@ def test_from_settings_uses_the_data_home(settings) -> None:
     reg = storage.Registry.from_settings(settings)
     assert reg.path == settings.registry_path and reg.lock_timeout_s == settings.registry_lock_timeout_s
     assert storage.parse_version("v2") == 2
+
+
+def test_lineage_records_the_pairs_each_version_trained_on(reg: Registry) -> None:
+    v1 = reg.create_version(run_id="r1", trained_pairs={"qa-a": "delta", "qa-b": "delta"})
+    v2 = reg.create_version(run_id="r2", parent_version=v1, trained_pairs={"qa-c": "delta", "qa-a": "replay"})
+    assert reg.trained_pairs(v1) == {"qa-a": "delta", "qa-b": "delta"}
+    assert reg.trained_pairs(f"v{v2}") == {"qa-c": "delta", "qa-a": "replay"}
+    # Across versions a pair counts once; 'delta' wins over 'replay' (the role it was first learned in).
+    assert reg.trained_pairs() == {"qa-a": "delta", "qa-b": "delta", "qa-c": "delta"}
+    assert reg.trained_pairs(99) == {}

@@ -1,0 +1,60 @@
+"""Answer metrics on hand-made cases, and bootstrap determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tasks.metrics import (
+    bootstrap_ci,
+    exact_match,
+    gold_contained,
+    paired_bootstrap_diff,
+    score_answers,
+    token_f1,
+)
+
+
+def test_exact_match_uses_squad_normalisation():
+    assert exact_match("The Paris.", "paris") == 1.0
+    assert exact_match("Paris, France", "Paris") == 0.0
+
+
+def test_token_f1_golden_values():
+    assert token_f1("2.4 kg", "2.4 kg") == 1.0
+    # Normalised: pred "maximum payload is 24 kg" (5 tokens), gold "24 kg" (2): P=2/5, R=1 -> F1 = 4/7
+    assert token_f1("The maximum payload is 2.4 kg", "2.4 kg") == pytest.approx(4 / 7)
+    assert token_f1("nothing", "2.4 kg") == 0.0
+
+
+def test_gold_contained_matches_whole_tokens_only():
+    assert gold_contained("It carries a maximum payload of 2.4 kg.", "2.4 kg") == 1.0
+    assert gold_contained("It weighs 12.4 kg", "2.4 kg") == 0.0
+    assert gold_contained("anything", "") == 0.0
+
+
+def test_score_answers_lengths_must_match():
+    with pytest.raises(ValueError):
+        score_answers(["a"], ["a", "b"])
+    scores = score_answers(["Paris", "It is Rome"], ["paris", "Rome"])
+    assert scores["ra_em"] == [1.0, 0.0]
+    assert scores["ra_contains"] == [1.0, 1.0]
+
+
+def test_bootstrap_is_deterministic_under_a_seed_and_brackets_the_mean():
+    values = [0.9, 0.1, 0.8, 0.7, 0.2, 0.6, 0.3, 0.95, 0.5, 0.9]
+    a = bootstrap_ci(values, seed=7)
+    assert a == bootstrap_ci(values, seed=7)
+    assert a != bootstrap_ci(values, seed=8)
+    assert a[0] <= sum(values) / len(values) <= a[1]
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_paired_difference_of_identical_samples_is_exactly_zero():
+    diff, low, high = paired_bootstrap_diff([1, 0, 1], [1, 0, 1])
+    assert (diff, low, high) == (0.0, 0.0, 0.0)
+    diff, low, high = paired_bootstrap_diff([1.0] * 40, [0.0] * 40)
+    assert diff == low == high == 1.0
+    with pytest.raises(ValueError):
+        paired_bootstrap_diff([1], [1, 2])
