@@ -53,7 +53,7 @@ def _build(arm: str, base):
         "moral_linear": {"router_scope": "linear"},
         "moral_dense": {"top_k": 8, "balance_loss": "localized"},  # LoRAMoE-style dense arm
     }[arm]
-    model = MoRALModel(base, MoRALConfig(num_experts=8, top_k=2, rank=8, alpha=16, dropout=0.05, **kwargs))
+    model = MoRALModel(base, MoRALConfig(**{"num_experts": 8, "top_k": 2, "rank": 8, "alpha": 16, "dropout": 0.05, **kwargs}))
     return model, model.aux_loss
 
 
@@ -68,10 +68,22 @@ def worker(arm: str, args: argparse.Namespace) -> dict:
     """One arm in this process: timed AdamW steps, peak memory, then greedy KV-cache generation."""
     import torch
 
-    from moe.base_model import load_base_model
+    from moe.base_model import load_base_model, pick_device
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base, tokenizer = load_base_model(args.model_dir, dtype=torch.float32, device=args.device)
+    if args.random_init:  # same architecture, random weights: timings do not depend on the values
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(args.model_dir)
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        base = base.to(pick_device(args.device)).eval()
+        pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        pad_id = pad_id[0] if isinstance(pad_id, list) else pad_id
+    else:
+        base, tokenizer = load_base_model(args.model_dir, dtype=torch.float32, device=args.device)
+        pad_id = tokenizer.pad_token_id
     device = next(base.parameters()).device
     model, aux = _build(arm, base)
     model.train()
@@ -112,7 +124,7 @@ def worker(arm: str, args: argparse.Namespace) -> dict:
             "min_new_tokens": args.new_tokens,  # never stop early at EOS: every arm decodes the same count
             "do_sample": False,
             "use_cache": True,
-            "pad_token_id": tokenizer.pad_token_id,
+            "pad_token_id": pad_id,
         }
         latencies = []
         with torch.no_grad():
@@ -141,6 +153,12 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: auto)")
     p.add_argument("--model-dir", default=None, help="base model directory (default: bundled SmolLM2)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: torch's default)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="build the architecture from --model-dir's config.json with random weights (no weights needed)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: 1 process per arm, tiny run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -171,10 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     passthrough = [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(args).items()
-        if k in ("steps", "warmup", "batch", "seq", "new_tokens", "gen_repeats", "model_dir")
+        if k in ("steps", "warmup", "batch", "seq", "new_tokens", "gen_repeats", "model_dir", "threads")
     ]
     if args.device:
         passthrough.append(f"--device={args.device}")
+    if args.random_init:
+        passthrough.append("--random-init")
     raw: dict[str, dict[str, list]] = {arm: {} for arm in arms}
     meta = {}
     for rep in range(args.repeats):
@@ -218,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats,
             "new_tokens": args.new_tokens,
             "model_dir": args.model_dir,
+            "random_init": args.random_init,
         },
     }
     print(json.dumps(report, indent=2))
