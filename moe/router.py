@@ -207,9 +207,12 @@ class ExpertStats:
         if device is None:
             device = next(iter(self.routers.values())).weight.device
         num_experts = next(iter(self.routers.values())).num_experts
-        self._load = torch.zeros(len(self.routers), num_experts, device=device)
-        self._importance = torch.zeros(len(self.routers), num_experts, device=device)
-        self._tokens = torch.zeros(len(self.routers), device=device)
+        # Normal tensors even when the first forward runs under torch.inference_mode(): an inference
+        # tensor could not be updated in place once the caller leaves inference mode (e.g. training).
+        with torch.inference_mode(False):
+            self._load = torch.zeros(len(self.routers), num_experts, device=device)
+            self._importance = torch.zeros(len(self.routers), num_experts, device=device)
+            self._tokens = torch.zeros(len(self.routers), device=device)
 
     def report(self) -> dict[str, dict[str, list[float]]]:
         """Per router: load (fraction of real tokens routed to each expert; sums to top_k),
