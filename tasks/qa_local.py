@@ -4,16 +4,18 @@ A 135M model cannot be trusted to pick answers or emit JSON, so it is asked for 
 *answer* is chosen by rules (a number with its unit, money, a percentage, a date, a time, a name) and
 is therefore grounded by construction; the opening of the question is chosen by rules too (from the
 answer's type, or "What is the <noun phrase>" for "<noun phrase> of <answer>"); the model only
-completes the question, greedily, many prompts in one batched `generate` call. Every question is
-then checked strictly and dropped when it fails.
+completes the question, greedily, all prompts of a batch of chunks in one batched model call. Every
+question is then checked strictly and dropped when it fails.
 
 Each fact (sentence, answer span) is asked `variants` times in different wording, with the same
-answer: from different openers ("What is the maximum payload ..." / "How much ..."), from a rule-only
-template where the sentence allows one ("<the subject> is <answer>" -> "What is <the subject>?"), and,
-only when those do not give enough distinct valid questions, by naming the subject differently
-("the Quillfeather Q7" / "the Q7"). The training data then holds several wordings of a fact and the
-question-hash split puts some in train and some in the held-out eval: an eval question asks about a
-fact the adapter was trained on, in words it was not trained on.
+answer: a rule-only template where the sentence allows one ("<the subject> is <answer>" -> "What is
+<the subject>?", "<X>, chaired by <person>" -> "Who chaired <X>?"), and model completions of different
+openers ("What is the maximum payload ..." / "How much ..."); only when those do not give enough
+distinct valid questions, a valid one is reopened by rule ("Who ..." / "Which person ...", "When ..." /
+"On what date ...") or its subject named the other way ("the Quillfeather Q7" / "the Q7"). The training
+data then holds several wordings of a fact and the question-hash split puts some in train and some in
+the held-out eval: an eval question asks about a fact the adapter was trained on, in words it was not
+trained on. `pairs_per_chunk` caps the facts per chunk; the pairs are up to pairs_per_chunk * variants.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ _SPELLED = "two|three|four|five|six|seven|eight|nine|ten|eleven|twelve"
 _NOT_PLURALS = "across|always|perhaps|towards|afterwards|besides|unless|whereas|plus|less|thus|as|is|was|has|does|its|this|his"
 # "240 engineers", "20 new branches": an optional modifier (not itself a plural) and a plural noun.
 _COUNT = (
-    rf"(?:{_INT}|\b(?:{_SPELLED}))(?:\s+[a-z-]*[a-rt-z])?"
+    rf"(?:(?!(?:1[5-9]|20)\d\d\b){_INT}|\b(?:{_SPELLED}))(?:\s+[a-z-]*[a-rt-z])?"
     rf"\s+(?!(?:{_NOT_PLURALS})\b)(?:[a-z][a-z-]*s|people|children|staff|personnel|men|women)\b"
 )
 # Capitalised words, digits ("Q7", "5.2") and name particles between them ("Pieter de Vries").
@@ -102,12 +104,16 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("money", re.compile(_MONEY)),
     ("percent", re.compile(rf"{_NUM}\s?(?:%|percent\b|per cent\b)")),
     ("date", re.compile(_DATE)),
-    ("time", re.compile(rf"{_CLOCK}\s?(?:to|-|–|until)\s?{_CLOCK}|(?<=between ){_CLOCK} and {_CLOCK}|{_CLOCK}")),
+    (
+        "time",
+        re.compile(rf"{_CLOCK}\s?(?:to|-|–|until)\s?{_CLOCK}|(?<=between ){_CLOCK} and {_CLOCK}|{_CLOCK}"),
+    ),
     *[(f"quantity:{k}", re.compile(rf"{_NUM}\s?(?:{v})(?![\w/])")) for k, v in _UNITS.items()],
     ("year", re.compile(r"\b(?:1[5-9]\d\d|20\d\d)\b")),
     ("weekday", re.compile(rf"\b(?:{_WEEKDAYS})s?\b")),
     ("count", re.compile(_COUNT)),
     ("name", re.compile(_NAME)),
+    ("number", re.compile(rf"{_NUM}(?![\w%])")),  # a bare number: only with a template ("... is 32")
 ]
 # Priority of answer kinds: facts with numbers make the most checkable questions.
 _SCORE = {
@@ -119,9 +125,11 @@ _SCORE = {
     "year": 4,
     "count": 4,
     "person": 4,
+    "org": 4,
     "weekday": 3,
     "place": 3,
     "name": 2,
+    "number": 4,
 }
 _DURATION_NOUNS = {"hours", "minutes", "seconds", "days", "weeks", "months", "years"}
 _PLACE_PREP = {"in", "at", "from", "near", "to", "into", "between"}
@@ -132,10 +140,18 @@ _ROLES = {
     "architect", "designer", "inventor", "leader", "secretary", "treasurer", "chancellor", "dean",
 }  # fmt: skip
 _PERSON_CUES = {"by"} | _TITLES | _ROLES
+_ORG_WORDS = {
+    "labs", "works", "inc", "ltd", "llc", "gmbh", "plc", "bank", "group", "company", "corporation", "corp",
+    "logistics", "authority", "institute", "university", "systems", "technologies", "industries",
+    "association", "council", "agency", "ministry", "department", "foundation", "society", "studio", "studios",
+}  # fmt: skip
 # A capitalised word after one of these nouns is a label: "code name Kestrel", "priority P1".
 _LABEL_NOUNS = {"name", "codename", "priority", "model", "type", "class", "grade", "level", "version", "tier"}
 _NOT_NAMES = (
-    set(_MONTHS.lower().split("|")) | set(_WEEKDAYS.lower().split("|")) | STOPWORDS | {"its", "their", "field"}
+    set(_MONTHS.lower().split("|"))
+    | set(_WEEKDAYS.lower().split("|"))
+    | STOPWORDS
+    | {"its", "their", "field"}
 )
 _CHANGE_VERBS = {"reduced", "raised", "increased", "lowered", "cut", "set", "limited", "capped", "extended"}
 _CLAUSE_BREAKS = {"that", "which", "who", "and", "but", "while", "because", "where", "when", "whereas", "if"}
@@ -213,6 +229,13 @@ def _subject(words: list[str], *, anchored: bool = True) -> list[str] | None:
     words = words[start:]
     dets = [j for j, w in enumerate(words) if w.lower() in {"the"} | _PRONOUN_DETS]
     det = (dets[0] if anchored else dets[-1]) if dets else None
+    if det is None and anchored:
+        # "Core hours and meetings Core collaboration hours": a heading glued to a plain noun phrase
+        heads = [j for j, w in enumerate(words) if w[:1].isupper() and (j == 0 or words[j - 1].islower())]
+        tail = words[heads[-1] :] if heads else []
+        if 2 <= len(tail) <= 5 and all(w.islower() and w.isalpha() for w in tail[1:]) and tail[0].isalpha():
+            return ["the", tail[0].lower(), *tail[1:]]
+        return None
     if det is None or (anchored and not all(w[:1].isupper() for w in words[:det])):
         return None  # "camera of the Q7 is ...": a cut-off clause; "Fees The mooring fee": a glued heading
     words = words[det:]
@@ -226,7 +249,7 @@ def _template(words: list[str], kind: str, count_noun: str | None) -> tuple[str 
     <count>' and '<the thing>, called <name>'; returns (question, head noun phrase, subject is a role)."""
     i = len(words)
     low = [_bare(w) for w in words]
-    if kind == "person":
+    if kind in {"person", "org"}:
         who = _passive_who(words, low)
         if who:
             return who, None, True
@@ -235,8 +258,11 @@ def _template(words: list[str], kind: str, count_noun: str | None) -> tuple[str 
         i -= 1
     while i and low[i - 1].rstrip(".") in _TITLES | {"the", "a", "an"} and not called:
         i -= 1  # "is the Auk-48", "is Dr. Ilse Varnholt"
+    changed = False
     if i >= 2 and low[i - 1] == "to" and low[i - 2] in _CHANGE_VERBS:
-        i -= 2  # "is reduced to 5 knots"
+        i, changed = i - 2, True  # "is reduced to 5 knots"
+    elif i >= 4 and low[i - 1] == "to" and low[i - 3] == "from" and low[i - 4] in _CHANGE_VERBS:
+        i, changed = i - 4, True  # "was raised from 25 to 32"
     if i and low[i - 1] in {"now", "currently", "still"}:
         i -= 1
     if called and i and words[i - 1].endswith(","):  # "the quarterly planning day, called Fen Day"
@@ -244,6 +270,8 @@ def _template(words: list[str], kind: str, count_noun: str | None) -> tuple[str 
         verb = "is"
     elif i and low[i - 1] in {"is", "are", "was", "were"} and words[i - 1][-1].isalpha():
         subj, verb = _subject(words[: i - 1]), low[i - 1]
+        if changed:  # "was raised to 32": 32 is what it is now
+            verb = "are" if verb in {"are", "were"} else "is"
     elif i and low[i - 1] in {"has", "have"} and count_noun and words[i - 1][-1].isalpha() and not called:
         subj = _subject(words[: i - 1])
         if subj is None or subj[0].lower() in _PRONOUN_DETS:
@@ -287,7 +315,9 @@ def _passive_who(words: list[str], low: list[str]) -> str | None:
     if i < 3 or low[i - 1] != "by" or not re.fullmatch(r"[a-z]+", words[i - 2]):
         return None
     verb = words[i - 2]
-    if not (verb.endswith("ed") or verb in {"made", "led", "built", "run", "won", "written", "held", "given"}):
+    if not (
+        verb.endswith("ed") or verb in {"made", "led", "built", "run", "won", "written", "held", "given"}
+    ):
         return None
     if low[i - 3] in {"is", "are", "was", "were"} and words[i - 3].isalpha():
         subj = _subject(words[: i - 3])
@@ -322,7 +352,7 @@ def _kind_openers(kind: str, answer: str, prev: str, nouns: list[str], after: li
     if family == "year":
         return ["In what year", "When"]
     if family == "time":
-        return ["When", "During which hours"] if " " in answer else ["At what time", "When"]
+        return ["When", "Between which times"] if " " in answer else ["At what time", "When"]
     if family == "weekday":
         return ["On which day", "When"]
     if family == "count":
@@ -351,8 +381,14 @@ def _kind_openers(kind: str, answer: str, prev: str, nouns: list[str], after: li
         return [*first, *how_many]
     if family == "person":
         return ["Who", "Which person"]
+    if family == "org":
+        return ["Who", "Which organisation"]
+    if family == "number":
+        return ["How many", "What number"]
     if family == "place":
-        alt = f"{prev.capitalize()} which place" if prev in _PLACE_PREP and prev != "between" else "Which place"
+        alt = (
+            f"{prev.capitalize()} which place" if prev in _PLACE_PREP and prev != "between" else "Which place"
+        )
         return ["Where", alt]
     # A name: "the Tallyhome system" -> "Which system"; "code name Kestrel" -> "What code name".
     if prev in _LABEL_NOUNS:
@@ -425,8 +461,8 @@ def answer_candidates(sentence: str) -> list[Candidate]:
                 taken.append((start, end))
                 continue
             if kind == "name":
-                if prev in _PERSON_CUES:
-                    kind = "person"
+                if prev in _PERSON_CUES:  # "made by Harbor Labs" is an organisation, "by Karin Lund" a person
+                    kind = "org" if answer.split()[-1].lower() in _ORG_WORDS else "person"
                 elif prev in _PLACE_PREP and all(t.isalpha() for t in answer.split()):
                     kind = "place"
             elif kind == "year" and prev not in {"in", "since", "until", "by", "from", "of"}:
@@ -439,17 +475,23 @@ def answer_candidates(sentence: str) -> list[Candidate]:
             family = kind.split(":")[0]
             count_noun = answer.split()[-1] if family == "count" else None
             template, head, role = _template(before, kind, count_noun)
+            if kind == "number" and not template:
+                continue
             if kind == "name" and role and template and template.startswith("Who"):
                 kind, family = "person", "person"
             np_ = _noun_phrase_before_of(before)
             nouns = _noun_after(sentence, end, prev) if family == "name" else []
             openers = _kind_openers(kind, answer, prev, nouns, sentence[end:].split()[:1])
             if np_ and family in {"money", "percent", "quantity"}:
-                openers.insert(0, f"What is the {np_}")  # "payload of 2.4 kg" -> "What is the maximum payload"
+                openers.insert(
+                    0, f"What is the {np_}"
+                )  # "payload of 2.4 kg" -> "What is the maximum payload"
             if head and not template and family in {"money", "percent", "quantity", "date", "name"}:
                 openers.insert(0, f"What is the {head}")  # "its maximum service ceiling is ..."
             openers = list(dict.fromkeys(openers))
             score = _SCORE[family] + (1 if np_ or template or nouns else 0) - (1 if start == 0 else 0)
+            if openers[0] == "What" and not template:
+                score -= 1  # a bare name: the model mostly asks "What is <the answer>?"
             found.append(Candidate(sentence, answer, kind, openers[0], score, tuple(openers[1:]), template))
     return sorted(found, key=lambda c: -c.score)
 
@@ -457,7 +499,7 @@ def answer_candidates(sentence: str) -> list[Candidate]:
 def _resolve_it(sentence: str, previous: str) -> str | None:
     """'It was launched on 21 April 2026.' after 'The Quillfeather Q7 is a survey drone ...' ->
     'The Quillfeather Q7 was launched on 21 April 2026.': the model is shown who 'it' is."""
-    m = re.match(r"(It|Its)\s", sentence)
+    m = re.match(r"(It|Its|She|Her|He|His)\s", sentence)
     if not m:
         return None
     for n in re.finditer(_NAME, previous):
@@ -467,7 +509,7 @@ def _resolve_it(sentence: str, previous: str) -> str | None:
         name = previous[toks[0][0] : toks[-1][1]]
         if previous[: toks[0][0]].rstrip().endswith(("The", "the")):
             name = f"The {name}"
-        return (name if m.group(1) == "It" else f"{name}'s") + sentence[m.end(1) :]
+        return (name if m.group(1) in {"It", "She", "He"} else f"{name}'s") + sentence[m.end(1) :]
     return None
 
 
@@ -481,15 +523,20 @@ def select_candidates(text: str, k: int) -> list[Candidate]:
             context = _resolve_it(sentence, previous)
             per_sentence.append([replace(c, context=context) for c in answer_candidates(sentence)])
         previous = sentence
+    # Best score first; each fact already taken from a sentence costs its next ones 1.5 points, so
+    # the facts spread over the sentences unless one sentence is much richer.
+    pool = [(s, r, c) for s, cands in enumerate(per_sentence) for r, c in enumerate(cands)]
+    taken = [0] * len(per_sentence)
     chosen: list[Candidate] = []
     seen: set[str] = set()
-    for rank in range(max((len(c) for c in per_sentence), default=0)):
-        layer = sorted((cs[rank] for cs in per_sentence if len(cs) > rank), key=lambda c: -c.score)
-        for cand in layer:
-            key = normalize_answer(cand.answer)
-            if key not in seen and len(chosen) < k:
-                seen.add(key)
-                chosen.append(cand)
+    while pool and len(chosen) < k:
+        best = max(range(len(pool)), key=lambda n: (pool[n][2].score - 1.5 * taken[pool[n][0]], -n))
+        s, _, cand = pool.pop(best)
+        key = normalize_answer(cand.answer)
+        if key not in seen:
+            seen.add(key)
+            taken[s] += 1
+            chosen.append(cand)
     return chosen
 
 
@@ -530,6 +577,13 @@ def check_question(question: str, cand: Candidate, chunk_text: str) -> str | Non
     pos = next(
         (i for i in range(len(words)) if " ".join(words[i : i + a_len]).rstrip(".,;:") == cand.answer), None
     )
+    if pos is not None and cand.kind == "count" and pos:
+        prep = _bare(words[pos - 1])
+        if (
+            prep in {"in", "across", "at", "from", "on", "over"}
+            and prep not in normalize_question(question).split()
+        ):
+            return f"question drops the '{prep}' of its count"  # "employs 5,300 people in 14 countries"
     if pos is not None:
         window = " ".join(words[max(0, pos - 6) : pos] + words[pos + a_len : pos + a_len + 6])
         if not _stems(q_words) & _stems(content_words(window) - answer_words):
@@ -559,10 +613,44 @@ def name_aliases(chunk_text: str) -> list[tuple[str, str]]:
         toks = long.split()
         for k in range(1, len(toks)):
             short = " ".join(toks[k:])
-            if short in names and any(c.isalpha() for c in short) and (len(short) > 2 or any(c.isdigit() for c in short)):
+            if (
+                short in names
+                and any(c.isalpha() for c in short)
+                and (len(short) > 2 or any(c.isdigit() for c in short))
+            ):
                 pairs.append((long, short))
                 break
     return pairs
+
+
+# Question openings that ask the same thing, for the kinds where they do: (kind family or "*", opening, other).
+_REWORDINGS: tuple[tuple[str, str, str], ...] = (
+    ("person", "Who ", "Which person "),
+    ("org", "Who ", "Which organisation "),
+    ("*", "How often ", "How frequently "),
+    ("count", "How many ", "What number of "),
+    ("date", "When ", "On what date "),
+    ("year", "When ", "In what year "),
+    ("time", "When ", "At what time "),
+    ("weekday", "When ", "On which day "),
+    ("quantity:duration", "How long ", "For how long "),
+)
+
+
+def reworded(question: str, kind: str, answer: str) -> str | None:
+    """The question opened the other way ('Who chaired ...' <-> 'Which person chaired ...'), or None."""
+    for family, a, b in _REWORDINGS:
+        if family not in ("*", kind, kind.split(":")[0]):
+            continue
+        if family == "date" and re.fullmatch(rf"(?:{_MONTHS})\.?\s+\d{{4}}", answer):
+            b = "In which month "
+        for x, y in ((a, b), (b, a)):
+            if question.startswith(x):
+                return y + question[len(x) :]
+    m = re.fullmatch(r"How much (does|do|did) (.+) cost\?", question)
+    if m:
+        return f"What {m.group(1)} {m.group(2)} cost?"
+    return None
 
 
 def renamed(question: str, aliases: Sequence[tuple[str, str]]) -> str | None:
@@ -571,11 +659,10 @@ def renamed(question: str, aliases: Sequence[tuple[str, str]]) -> str | None:
         if re.search(rf"\b{re.escape(long)}\b", question):
             return re.sub(rf"\b{re.escape(long)}\b", short, question, count=1)
     for long, short in aliases:
-        m = re.search(rf"(?<![\w'’-] )(?<![\w'’-])\b{re.escape(short)}\b", question)
-        if m and not re.search(rf"\b{re.escape(long)}\b", question):
+        for m in re.finditer(rf"\b{re.escape(short)}\b", question):
             head = question[: m.start()].split()
-            if head and head[-1][:1].isupper() and head[-1].lower() not in STOPWORDS | {"what", "who"}:
-                continue  # "Harbor Labs" inside another name
+            if head and head[-1][:1].isupper() and len(head) > 1:
+                continue  # the end of another name ("Harbor Labs" for "Labs")
             return question[: m.start()] + long + question[m.end() :]
     return None
 
@@ -586,6 +673,26 @@ def _adds_content(question: str, opener: str, cand: Candidate) -> bool:
     opener_stems = _stems(content_words(opener))
     own = _stems(content_words(question)) - opener_stems - _stems(content_words(cand.answer))
     return bool(own & _stems(content_words(cand.sentence)))
+
+
+def _buckets(lengths: Sequence[int], overhead: int = 32) -> list[list[int]]:
+    """Indices grouped into runs of similar length, minimising padded tokens plus `overhead` tokens
+    per run (a forward pass has a fixed cost): an exact partition of the sorted lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted items
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs: list[list[int]] = []
+    j = n
+    while j > 0:
+        runs.insert(0, order[cut[j] : j])
+        j = cut[j]
+    return runs
 
 
 class LocalQAGenerator:
@@ -608,7 +715,7 @@ class LocalQAGenerator:
         variants: int = 2,
         candidates_per_chunk: int | None = None,
         batch_size: int = 4,
-        max_new_tokens: int = 20,
+        max_new_tokens: int = 18,
         max_prompts_per_call: int = 64,
         shots: Sequence[tuple[str, str, str]] = SHOTS,
         num_threads: int | None = None,
@@ -668,22 +775,19 @@ class LocalQAGenerator:
 
     def _stem(self, cand: Candidate) -> str:
         """The prompt up to the assistant's turn; every variant of the fact continues it with its opener."""
-        return self.tokenizer.apply_chat_template(self._messages(cand), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            self._messages(cand), tokenize=False, add_generation_prompt=True
+        )
 
-    def _prompt(self, cand: Candidate) -> str:
-        return self._stem(cand) + cand.opener  # the model continues the question we opened
-
-    def _segments(self, cand: Candidate) -> tuple[str, str, str]:
-        """The stem cut into (up to the fact's sentence, its answer, the rest): facts from one sentence
-        share the first segment's KV cache, a fact's variants share the first two."""
+    def _segments(self, cand: Candidate) -> tuple[str, str]:
+        """The stem cut into (up to the fact's sentence, the rest: its answer and the assistant's turn):
+        facts from one sentence share the first segment's KV cache, a fact's variants the whole stem."""
         stem = self._stem(cand)
-        fact, answer = f"Fact: {cand.fact}\n", f"Answer: {cand.answer}"
+        fact = f"Fact: {cand.fact}\n"
         a = stem.find(fact)
-        b = stem.find(answer, a + len(fact)) if a >= 0 else -1
-        if b < 0:  # an unusual chat template: no sharing below the prefix
-            return stem, "", ""
-        cut1, cut2 = a + len(fact), b + len(answer)
-        return stem[:cut1], stem[cut1:cut2], stem[cut2:]
+        if a < 0:  # an unusual chat template: no sharing below the prefix
+            return stem, ""
+        return stem[: a + len(fact)], stem[a + len(fact) :]
 
     def _shared_prefix(self) -> tuple[str, Any, Any]:
         """(text, token ids, KV cache) of the part every prompt shares: system message and examples.
@@ -724,9 +828,8 @@ class LocalQAGenerator:
         attention mask hides the padding and positions come from the mask (cumsum), so every row sees
         exactly its unpadded prompt. Decoding is greedy and drops the rows that have stopped.
         """
-        import copy
-
         import torch
+        from transformers import DynamicCache
 
         tok = self.tokenizer
         prefix_text, prefix_ids, prefix_cache = self._shared_prefix()
@@ -735,7 +838,6 @@ class LocalQAGenerator:
         depth = len(requests[0]) if requests else 0
         if any(len(segs) != depth for segs in requests):
             raise ValueError("every request needs the same number of segments")
-        n_prefix = len(prefix_ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = self.model.device
         stop = torch.tensor(self._stop_ids, device=device)
@@ -747,49 +849,22 @@ class LocalQAGenerator:
             keys: list[tuple[str, ...]] = [()]  # the trie level above: one row per distinct key
             ids = prefix_ids.to(device)[None]
             mask = torch.ones_like(ids)
-            cache = copy.deepcopy(prefix_cache)
+            kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
             with torch.inference_mode():
                 for level in range(depth):
-                    if level < depth - 1:
-                        level_keys = list(dict.fromkeys(tuple(requests[i][: level + 1]) for i in call))
-                    else:
-                        level_keys = [tuple(requests[i]) for i in call]
+                    level_keys = list(dict.fromkeys(tuple(requests[i][: level + 1]) for i in call))
                     parent = {k: n for n, k in enumerate(keys)}
                     parents = [parent[k[:-1]] for k in level_keys]
                     pieces = [encode(k[-1][len(prefix_text) :] if level == 0 else k[-1]) for k in level_keys]
-                    width = max(len(p) for p in pieces)
                     if level == depth - 1 and min(len(p) for p in pieces) == 0:
                         raise ValueError("the last segment of a request must not be empty")
-                    seg_ids = torch.full((len(pieces), width), pad, dtype=torch.long)
-                    seg_mask = torch.zeros_like(seg_ids)
-                    for r, p in enumerate(pieces):
-                        if p:
-                            seg_ids[r, width - len(p) :] = torch.tensor(p)
-                            seg_mask[r, width - len(p) :] = 1
-                    index = torch.tensor(parents, device=device)
-                    if level == 0:
-                        cache.batch_repeat_interleave(len(pieces))
-                    else:
-                        cache.batch_select_indices(index)
-                    ids = torch.cat([ids[index], seg_ids.to(device)], dim=1)
-                    mask = torch.cat([mask[index], seg_mask.to(device)], dim=1)
-                    keys = level_keys
-                    if not width:
-                        continue
-                    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                    logits = self.model(
-                        input_ids=ids[:, -width:],
-                        attention_mask=mask,
-                        position_ids=positions[:, -width:],
-                        past_key_values=cache,
-                        use_cache=True,
-                        logits_to_keep=1,
-                    ).logits[:, -1]
-                for r, i in enumerate(call):
-                    t_in[i] = int(mask[r].sum())
+                    order, kv, ids, mask, logits = self._extend(kv, ids, mask, parents, pieces, pad)
+                    keys = [level_keys[r] for r in order]
+                cache = DynamicCache(kv)
                 # Greedy decoding; a row is done at a stop token, and done rows leave the batch.
-                generated: list[list[int]] = [[] for _ in call]
-                active = torch.arange(len(call), device=device)
+                mask_in = mask
+                generated: list[list[int]] = [[] for _ in keys]
+                active = torch.arange(len(keys), device=device)
                 last_pos = mask.sum(-1) - 1
                 for step in range(self.max_new_tokens):
                     nxt = logits.argmax(-1)
@@ -811,11 +886,79 @@ class LocalQAGenerator:
                         past_key_values=cache,
                         use_cache=True,
                     ).logits[:, -1]
-            for r, i in enumerate(call):
+            row = {k: r for r, k in enumerate(keys)}  # identical requests (overlapping chunks) share a row
+            for i in call:
+                r = row[tuple(requests[i])]
                 keep_ids = [t for t in generated[r] if t != pad]
                 texts[i] = tok.decode(keep_ids, skip_special_tokens=True)
+                t_in[i] = int(mask_in[r].sum())
                 t_out[i] = len(keep_ids)
         return texts, t_in, t_out
+
+    def _extend(
+        self, kv: list[tuple[Any, Any]], ids: Any, mask: Any, parents: list[int], pieces: list[Any], pad: int
+    ):
+        """Prefill one trie level: row r continues row `parents[r]` of (kv, ids, mask) with the tokens
+        `pieces[r]`. Rows of similar length are run together (`_buckets`) and the results are aligned
+        by padding each bucket's new part on the left (masked, zero KV). Returns (order: the new rows'
+        indices into `pieces`, kv, ids, mask, last-position logits or None when nothing was run)."""
+        import torch
+        from transformers import DynamicCache
+
+        device = ids.device
+        width = max(len(p) for p in pieces)
+        n_old = ids.shape[1]
+        order: list[int] = []
+        parts: list[tuple[list[tuple[Any, Any]], Any, Any, Any]] = []
+        for bucket in _buckets([len(p) for p in pieces]):
+            w = max(len(pieces[r]) for r in bucket)
+            index = torch.tensor([parents[r] for r in bucket], device=device)
+            seg_ids = torch.full((len(bucket), width), pad, dtype=torch.long)
+            seg_mask = torch.zeros_like(seg_ids)
+            for row, r in enumerate(bucket):
+                if pieces[r]:
+                    seg_ids[row, width - len(pieces[r]) :] = torch.tensor(pieces[r])
+                    seg_mask[row, width - len(pieces[r]) :] = 1
+            b_ids = torch.cat([ids[index], seg_ids.to(device)], dim=1)
+            b_mask = torch.cat([mask[index], seg_mask.to(device)], dim=1)
+            b_kv = [(k[index], v[index]) for k, v in kv]
+            logits = None
+            if w:
+                cache = DynamicCache(b_kv)
+                run_mask = torch.cat([b_mask[:, :n_old], b_mask[:, n_old + width - w :]], dim=1)
+                positions = (run_mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(
+                    input_ids=b_ids[:, -w:],
+                    attention_mask=run_mask,
+                    position_ids=positions[:, -w:],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
+                b_kv = [(layer.keys, layer.values) for layer in cache.layers]
+            gap = width - w  # this bucket's pieces are narrower: masked zero KV in front of them
+            if gap:
+                b_kv = [
+                    (
+                        torch.cat(
+                            [k[:, :, :n_old], k.new_zeros((*k.shape[:2], gap, k.shape[3])), k[:, :, n_old:]],
+                            2,
+                        ),
+                        torch.cat(
+                            [v[:, :, :n_old], v.new_zeros((*v.shape[:2], gap, v.shape[3])), v[:, :, n_old:]],
+                            2,
+                        ),
+                    )
+                    for k, v in b_kv
+                ]
+            order += bucket
+            parts.append((b_kv, b_ids, b_mask, logits))
+        kv = [
+            (torch.cat([p[0][n][0] for p in parts]), torch.cat([p[0][n][1] for p in parts]))
+            for n in range(len(kv))
+        ]
+        logits = None if any(p[3] is None for p in parts) else torch.cat([p[3] for p in parts])
+        return order, kv, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), logits
 
     def _with_threads(self, fn: Any, *args: Any) -> Any:
         import torch
@@ -829,7 +972,9 @@ class LocalQAGenerator:
         finally:
             torch.set_num_threads(before)
 
-    def _requests(self, texts: Sequence[str]) -> tuple[list[list[tuple[Candidate, list[str]]]], list[tuple[int, int, str]]]:
+    def _requests(
+        self, texts: Sequence[str]
+    ) -> tuple[list[list[tuple[Candidate, list[str]]]], list[tuple[int, int, str]]]:
         """Per chunk: its candidates with their rule-made questions (valid templates); and the model
         requests (chunk, candidate, opener) for the variants the rules do not cover."""
         plans: list[list[tuple[Candidate, list[str]]]] = []
@@ -837,10 +982,16 @@ class LocalQAGenerator:
         for i, text in enumerate(texts):
             plan = []
             for j, cand in enumerate(select_candidates(text, self.candidates_per_chunk)):
-                fixed = [cand.template] if cand.template and check_question(cand.template, cand, text) is None else []
+                fixed = (
+                    [cand.template]
+                    if cand.template and check_question(cand.template, cand, text) is None
+                    else []
+                )
                 fixed_norm = {normalize_question(q) for q in fixed}
                 openers = [  # an opener the template starts with would only repeat the template
-                    o for o in cand.openers if len(o.split()) < 3 or not any(f.startswith(normalize_question(o)) for f in fixed_norm)
+                    o
+                    for o in cand.openers
+                    if len(o.split()) < 3 or not any(f.startswith(normalize_question(o)) for f in fixed_norm)
                 ]
                 requests += [(i, j, op) for op in openers[: max(0, self.variants - len(fixed))]]
                 plan.append((cand, fixed))
@@ -851,11 +1002,11 @@ class LocalQAGenerator:
         """QA pairs for several chunks with one batched model call (per `max_prompts_per_call` rows)."""
         plans, requests = self._requests(texts)
         results = [GenerationResult([]) for _ in texts]
-        stems: dict[tuple[int, int], tuple[str, str, str]] = {}
+        stems: dict[tuple[int, int], tuple[str, str]] = {}
         for i, j, _ in requests:
             if (i, j) not in stems:
                 stems[i, j] = self._segments(plans[i][j][0])
-        prompts = [(*stems[i, j][:2], stems[i, j][2] + op) for i, j, op in requests]
+        prompts = [(*stems[i, j], op) for i, j, op in requests]
         calls = len(self._plan(prompts)) if prompts else 0
         for _ in range(calls):
             if budget is not None and not budget.acquire():
@@ -875,7 +1026,9 @@ class LocalQAGenerator:
             if budget is not None:
                 budget.add_tokens(sum(t_in) + sum(t_out))
         for i, (text, plan) in enumerate(zip(texts, plans, strict=True)):
-            results[i].pairs = self._pick(text, [(c, fixed + questions.get((i, j), [])) for j, (c, fixed) in enumerate(plan)])
+            results[i].pairs = self._pick(
+                text, [(c, fixed + questions.get((i, j), [])) for j, (c, fixed) in enumerate(plan)]
+            )
         return results
 
     def _pick(self, text: str, asked: list[tuple[Candidate, list[str]]]) -> list[dict[str, str]]:
@@ -902,6 +1055,11 @@ class LocalQAGenerator:
 
             for q in qs:
                 take(q)
+            if valid and len(valid) < self.variants:  # open the question the other way
+                for q in list(valid):
+                    alt = reworded(q, cand.kind, cand.answer)
+                    if alt:
+                        take(alt)
             if valid and len(valid) < self.variants:  # name the subject the other way
                 aliases = name_aliases(text) if aliases is None else aliases
                 for q in list(valid):

@@ -23,9 +23,13 @@ from tasks.qa import Budget, GenerationResult
 log = logging.getLogger(__name__)
 
 #: Bump when the prompt, schema or parsing changes: it is part of the cache key.
-PROMPT_VERSION = "qa-v1"
+PROMPT_VERSION = "qa-v2"
 DOC_START = "<<<DOCUMENT>>>"
 DOC_END = "<<<END DOCUMENT>>>"
+#: Questions per fact (SYSTEM_PROMPT says "twice"): the question-hash split then holds some wordings of a
+#: fact out for evaluation while the others are trained, so eval measures recall of trained facts under
+#: rewording.
+VARIANTS = 2
 
 SYSTEM_PROMPT = (
     "You write question-answer pairs that test whether a reader learned the facts in a document excerpt. "
@@ -34,7 +38,12 @@ SYSTEM_PROMPT = (
     "about the facts it states. Each question must be answerable from the excerpt alone, name its subject "
     "(no 'the text', 'the document' or a bare 'it'), end with a question mark and not contain its answer. "
     "Each answer must be a short span copied exactly from the excerpt: a few words, a number with its unit, "
-    'a name or a date. Reply with JSON only: {"pairs": [{"question": "...", "answer": "..."}]}.'
+    "a name or a date. Ask about every fact you pick twice, as two separate pairs with the same answer: two "
+    "differently worded questions (another question word or sentence structure, the subject named another "
+    "way), such as 'How much does the Quillfeather Q7 weigh?' and 'What is the weight of the Q7?'; the two "
+    "must not be copies of each other. Some questions are held out to test whether the facts were learned, "
+    "so each fact needs both wordings. "
+    'Reply with JSON only: {"pairs": [{"question": "...", "answer": "..."}]}.'
 )
 
 QA_SCHEMA: dict[str, Any] = {
@@ -59,13 +68,15 @@ QA_SCHEMA: dict[str, Any] = {
 }
 
 
-def build_messages(chunk_text: str, n_pairs: int) -> list[dict[str, str]]:
-    """Chat messages for one chunk. Marker look-alikes inside the text are defused so the excerpt
-    cannot close its own delimiters."""
+def build_messages(chunk_text: str, n_facts: int) -> list[dict[str, str]]:
+    """Chat messages for one chunk: up to `n_facts` facts (the generator's `pairs_per_chunk`), each asked
+    VARIANTS times in different wording, so up to n_facts * VARIANTS pairs. Marker look-alikes inside the
+    text are defused so the excerpt cannot close its own delimiters."""
     safe = chunk_text.replace("<<<", "‹‹‹").replace(">>>", "›››")
     user = (
-        f"Write up to {n_pairs} question-answer pairs about the excerpt below.\n\n"
-        f"{DOC_START}\n{safe}\n{DOC_END}"
+        f"Pick up to {n_facts} facts from the excerpt below and write {VARIANTS} question-answer pairs for "
+        f"each, up to {n_facts * VARIANTS} pairs in all: per fact the same answer, differently worded "
+        f"questions.\n\n{DOC_START}\n{safe}\n{DOC_END}"
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 

@@ -252,3 +252,21 @@ def test_sparse_decoding_plan_equals_dense(scope, top_k):
     with torch.no_grad():
         base = mlp.down_proj.base_layer(F.silu(mlp.gate_proj.base_layer(x)) * mlp.up_proj.base_layer(x))
     assert not torch.allclose(sparse, base)
+
+
+def test_dropout_linear_matches_dropout_then_linear():
+    from moe.layer import _DropoutLinear, dropout_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.double, generator=gen, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.double, generator=gen, requires_grad=True)
+    keep = torch.rand(6, 5, generator=gen) > 0.3
+    out = _DropoutLinear.apply(x, w, keep, 1 / 0.7)
+    assert torch.allclose(out, F.linear(x * keep / 0.7, w))
+    assert torch.autograd.gradcheck(lambda a, b: _DropoutLinear.apply(a, b, keep, 1 / 0.7), (x, w))
+    torch.manual_seed(1)
+    dropped = dropout_linear(x.float(), w.float(), 0.3, training=True)
+    torch.manual_seed(1)
+    mask = torch.empty(6, 5, dtype=torch.bool).bernoulli_(0.7)  # the same draw
+    assert torch.allclose(dropped, F.linear(x.float() * mask / 0.7, w.float()), atol=1e-6)
+    assert torch.equal(dropout_linear(x, w, 0.3, training=False), F.linear(x, w))

@@ -22,8 +22,10 @@ from tasks.qa_openai import (
     DOC_START,
     PROMPT_VERSION,
     SYSTEM_PROMPT,
+    VARIANTS,
     MalformedOutput,
     OpenAIQAGenerator,
+    build_messages,
     parse_pairs,
 )
 from tests.tasks.llm_server import Fault
@@ -291,6 +293,14 @@ def test_prompt_injection_does_not_change_request_structure(llm_server):
     assert user.count(DOC_START) == 1 and user.count(DOC_END) == 1
     inside = user.split(DOC_START, 1)[1].split(DOC_END, 1)[0]
     assert "Ignore all previous instructions" in inside and "Is this hacked?" in inside
+
+
+def test_prompt_asks_for_each_fact_in_several_wordings():
+    system, user = (m["content"] for m in build_messages("The Quillfeather Q7 weighs 1.8 kg.", 3))
+    assert VARIANTS == 2 and "twice" in system and "same answer" in system
+    assert "up to 3 facts" in user and f"{VARIANTS} question-answer pairs for each" in user
+    assert f"up to {3 * VARIANTS} pairs" in user
+    assert PROMPT_VERSION != "qa-v1"  # the cache key changes with the prompt
 
 
 def test_openai_names_still_importable_from_tasks_qa():

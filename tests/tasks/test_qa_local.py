@@ -16,11 +16,16 @@ from tasks.qa_local import (
     SHOTS,
     Candidate,
     LocalQAGenerator,
+    _buckets,
     answer_candidates,
     check_question,
     clean_question,
+    name_aliases,
+    renamed,
+    reworded,
     select_candidates,
 )
+from tasks.text import normalize_question
 from tests.moe.tiny import tiny_llama, tiny_tokenizer
 
 DRONE = (
@@ -117,6 +122,113 @@ def test_clean_question():
     assert clean_question("When", "did it ship") == "When did it ship"
 
 
+@pytest.mark.parametrize(
+    ("sentence", "answer", "template"),
+    [
+        ("The maximum flight speed of the Quillfeather Q7 is 68 km/h.", "68 km/h",
+         "What is the maximum flight speed of the Quillfeather Q7?"),
+        ("Fees The mooring fee for visiting yachts is 3.20 pounds per metre.", "3.20 pounds",
+         "What is the mooring fee for visiting yachts?"),  # a glued heading is skipped
+        ("The speed limit inside the inner basin is reduced to 5 knots.", "5 knots",
+         "What is the speed limit inside the inner basin?"),
+        ("The maximum number of open tickets per agent was raised from 25 to 32.", "32",
+         "What is the maximum number of open tickets per agent?"),  # the value now
+        ("The chief engineer of the Quillfeather programme is Sigrun Haldorsen.", "Sigrun Haldorsen",
+         "Who is the chief engineer of the Quillfeather programme?"),
+        ("The data protection officer for the policy is Dr. Ilse Varnholt.", "Ilse Varnholt",
+         "Who is the data protection officer for the policy?"),
+        ("The release was led by engineering manager Tomasz Wielgosz.", "Tomasz Wielgosz", "Who led the release?"),
+        ("Review The Remote Work Committee, chaired by Professor Anand Okereke, meets monthly.", "Anand Okereke",
+         "Who chaired the Remote Work Committee?"),
+        ("The harbour master, Captain Renske Aalderink, closed the basin.", "Renske Aalderink",
+         "Who is the harbour master?"),
+        ("The terminal has 6 berths and a cafe.", "6 berths", "How many berths does the terminal have?"),
+        ("Staff join the quarterly planning day, called Fen Day, in March.", "Fen Day",
+         "What is the quarterly planning day called?"),
+        ("Core hours and meetings Core collaboration hours are 10:00 to 15:00 on weekdays.", "10:00 to 15:00",
+         "What are the core collaboration hours?"),
+        ("The Quillfeather Q7 weighs 1.8 kg.", "1.8 kg", None),  # no "is <answer>": the model words it
+        ("Its maximum service ceiling is 4,500 metres.", "4,500 metres", None),  # no subject to name
+        ("A camera of the Quillfeather Q7 is the Auk-48.", "Auk-48", None),  # not the clause's subject
+    ],
+)  # fmt: skip
+def test_rule_only_templates(sentence, answer, template):
+    cand = next(c for c in answer_candidates(sentence) if c.answer == answer)
+    assert cand.template == template
+    if template:
+        assert check_question(template, cand, sentence) is None
+
+
+def test_answer_spans_avoid_common_traps():
+    def spans(s: str) -> dict[str, str]:
+        return {c.answer: c.kind for c in answer_candidates(s)}
+
+    assert spans("It applies to all 412 staff across the Marlow Quay campuses.") == {
+        "412 staff": "count",  # not "412 staff across"
+        "Marlow Quay": "name",
+    }
+    assert "1 tokens" not in spans("The Plover API uses OAuth 2.1 tokens that expire after 45 minutes.")
+    assert "2023 guidelines" not in spans("It replaces the 2023 guidelines of the institute.")
+    assert "20 megabytes" not in spans("Attachments larger than 20 megabytes are archived elsewhere.")
+    assert spans("The drone was made by Harbor Labs in Oslo.")["Harbor Labs"] == "org"
+    assert spans("The weekly meeting takes place every Thursday at 11:30 in the hall.") == {
+        "11:30": "time",
+        "Thursday": "weekday",
+    }
+    assert spans("Fees The mooring fee is 3.20 pounds per metre.")["3.20 pounds"] == "money"  # not a weight
+    openers = {
+        c.answer: c.openers for c in answer_candidates("Requests are recorded in the Tallyhome system.")
+    }
+    assert openers["Tallyhome"] == ("Which system", "What is the name of the system")
+    assert all(len(c.openers) >= 2 for s in (DRONE, BANK, FERRY) for c in answer_candidates(s))
+
+
+def test_select_candidates_resolves_it_for_the_model():
+    cands = select_candidates(
+        "The Quillfeather Q7 is a survey drone by Harbor Labs. It was launched on 21 April 2026.", 5
+    )
+    launch = next(c for c in cands if c.answer == "21 April 2026")
+    assert launch.sentence == "It was launched on 21 April 2026."  # checks use the real sentence
+    assert launch.fact == "The Quillfeather Q7 was launched on 21 April 2026."  # the model sees the subject
+
+
+def test_rewordings_and_renamings():
+    assert (
+        reworded("Who chaired the committee?", "person", "Anand Okereke")
+        == "Which person chaired the committee?"
+    )
+    assert reworded("Which person chaired the committee?", "person", "A B") == "Who chaired the committee?"
+    assert reworded("Who made the Q7?", "org", "Harbor Labs") == "Which organisation made the Q7?"
+    assert (
+        reworded("When was the Q7 released?", "date", "March 2024") == "In which month was the Q7 released?"
+    )
+    assert (
+        reworded("When was the Q7 released?", "date", "5 March 2024") == "On what date was the Q7 released?"
+    )
+    assert (
+        reworded("How many berths does it have?", "count", "6 berths")
+        == "What number of berths does it have?"
+    )
+    assert reworded("How much does the Q7 cost?", "money", "$1,299") == "What does the Q7 cost?"
+    assert reworded("Who chaired the committee?", "name", "X Y") is None  # only for people
+    aliases = name_aliases(DRONE)
+    assert aliases == [("Quillfeather Q7", "Q7")]
+    assert renamed("How heavy is the Quillfeather Q7?", aliases) == "How heavy is the Q7?"
+    assert (
+        renamed("When did Harbor Labs release the Q7?", aliases)
+        == "When did Harbor Labs release the Quillfeather Q7?"
+    )
+    assert renamed("Who made the drone?", aliases) is None
+
+
+def test_buckets_partition_by_length():
+    lengths = [40, 3, 41, 2, 39, 3, 0]
+    runs = _buckets(lengths, overhead=10)
+    assert sorted(i for run in runs for i in run) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in run) for run in runs] == [[0, 2, 3, 3], [39, 40, 41]]
+    assert _buckets([5, 5, 5], overhead=10) == [[0, 1, 2]]
+
+
 # --- batching machinery on a tiny model -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_generator():
@@ -126,24 +238,104 @@ def tiny_generator():
     return LocalQAGenerator(model, tok, model_name="tiny", shots=SHOTS[:1], max_new_tokens=8)
 
 
-def test_prefix_cache_matches_plain_left_padded_generation(tiny_generator):
-    g = tiny_generator
-    cands = select_candidates(DRONE, 3) + select_candidates(FERRY, 3)
-    prompts = [g._prompt(c) for c in cands]
-    got, t_in, t_out = g._complete(prompts)
+def _plain_generation(g, prompts: list[str], stop_ids: list[int]) -> tuple[list[str], list[int]]:
+    """Reference: HF generate on the whole prompts, left-padded, no cache tricks."""
     tok = g.tokenizer
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         out = g.model.generate(
-            **enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=g._stop_ids
+            **enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids
         )
-    ref = [
-        tok.decode(r[r != tok.pad_token_id], skip_special_tokens=True)
-        for r in out[:, enc["input_ids"].shape[1] :]
+    rows = out[:, enc["input_ids"].shape[1] :]
+    return [tok.decode(r[r != tok.pad_token_id], skip_special_tokens=True) for r in rows], [
+        int(m.sum()) for m in enc["attention_mask"]
     ]
-    assert got == ref
-    assert t_in == [int(m.sum()) for m in enc["attention_mask"]] and all(0 < n <= 8 for n in t_out)
+
+
+def test_shared_kv_trie_matches_plain_left_padded_generation(tiny_generator):
+    """Sentences shared by several facts, several openers per fact, identical requests, stems and openers
+    of very different lengths (several buckets per level) and rows that stop at different steps."""
+    g = tiny_generator
+    cands = select_candidates(DRONE, 4) + select_candidates(FERRY, 3) + select_candidates(BANK, 5)
+    assert len({c.sentence for c in cands}) < len(cands)  # some facts share their sentence
+    requests = [
+        (*g._segments(c), op) for c in cands for op in (*c.openers[:2], "What is the name of the thing")
+    ]
+    requests += requests[:3]
+    prompts = ["".join(r) for r in requests]
+    got, t_in, t_out = g._complete(requests)
+    ref, ref_in = _plain_generation(g, prompts, g._stop_ids)
+    assert got == ref and t_in == ref_in and all(0 < n <= 8 for n in t_out)
+    # Make rows stop early, at different steps: decoding drops them from the batch as they finish.
+    stop_ids = g._stop_ids
+    g._stop_ids = sorted(
+        set(stop_ids) | {g.tokenizer(r[i % 5 + 1 :])["input_ids"][0] for i, r in enumerate(ref[::4])}
+    )
+    try:
+        got, _, t_out = g._complete(requests)
+        ref, _ = _plain_generation(g, prompts, g._stop_ids)
+    finally:
+        g._stop_ids = stop_ids
+    assert got == ref and len(set(t_out)) > 3
+
+
+def test_generate_many_asks_each_fact_in_several_wordings(tiny_generator, monkeypatch):
+    """With a scripted model: two distinct, checked questions per fact; rewordings and renamings fill in
+    for failed ones; a question written for two answers is dropped; the fact cap holds."""
+    g = tiny_generator
+    completions = {
+        ("2.4 kg", "What is the maximum payload"): " of the Quillfeather Q7?",
+        ("2.4 kg", "How much"): " does the Quillfeather Q7 carry?",  # also written for $1,299: ambiguous
+        ("$1,299", "What is the price"): " of the Q7?",
+        ("$1,299", "How much"): " does the Quillfeather Q7 carry?",
+        ("42 minutes", "How long"): " does the battery last in calm weather?",
+        ("42 minutes", "How many minutes"): " does the battery last in calm weather?",
+        ("1.8 kg", "How much"): " does the Quillfeather Q7 weigh?",
+        ("1.8 kg", "How heavy"): " is it in tonnes and grams?",  # invented words: fails the checks
+        ("March 2024", "When"): " did Harbor Labs release the Q7?",
+        ("March 2024", "In which month"): " was the Q7 released?",
+    }
+    seen: list[tuple[str, ...]] = []
+
+    def fake_complete(requests):
+        seen.extend(requests)
+        out = []
+        for _, rest, opener in requests:
+            answer = rest.split("Answer: ", 1)[1].split("<|im_end|>", 1)[0]
+            out.append(completions.get((answer, opener), " is the Harbor Labs drone?"))
+        return out, [10] * len(requests), [5] * len(requests)
+
+    monkeypatch.setattr(g, "_complete", fake_complete)
+    monkeypatch.setattr(g, "candidates_per_chunk", 6)
+    monkeypatch.setattr(g, "pairs_per_chunk", 6)
+    res = g.generate_many([DRONE])[0]
+    cands = {c.answer: c for c in select_candidates(DRONE, 6)}
+    by_answer: dict[str, list[str]] = {}
+    for p in res.pairs:
+        assert check_question(p["question"], cands[p["answer"]], DRONE) is None
+        by_answer.setdefault(p["answer"], []).append(p["question"])
+    assert by_answer == {
+        "2.4 kg": [
+            "What is the maximum payload of the Quillfeather Q7?",
+            "What is the maximum payload of the Q7?",
+        ],
+        "$1,299": ["What is the price of the Q7?", "What is the price of the Quillfeather Q7?"],
+        "42 minutes": [
+            "How long does the battery last in calm weather?",
+            "How many minutes does the battery last in calm weather?",
+        ],
+        "1.8 kg": ["How much does the Quillfeather Q7 weigh?", "How much does the Q7 weigh?"],
+        "March 2024": ["When did Harbor Labs release the Q7?", "In which month was the Q7 released?"],
+    }  # Harbor Labs: "Who is the Harbor Labs drone?" contains its answer
+    # All variants of the chunk went to the model in one call: two rows per fact (no templates here).
+    assert res.calls == 1 and len(seen) == 2 * len(cands)
+    monkeypatch.setattr(g, "pairs_per_chunk", 2)
+    assert [p["answer"] for p in g.generate_many([DRONE])[0].pairs] == ["2.4 kg"] * 2 + ["$1,299"] * 2
+    monkeypatch.setattr(g, "variants", 1)
+    seen.clear()
+    one = g.generate_many([DRONE])[0]
+    assert [p["answer"] for p in one.pairs] == ["2.4 kg", "$1,299"] and len(seen) == len(cands)
 
 
 def test_generate_many_books_one_call_per_batch_and_honours_the_cap(tiny_generator):
@@ -167,7 +359,7 @@ def test_local_generator_through_generate_for_chunks(tiny_generator):
 
 # --- the real model -------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_real_smollm2_writes_valid_questions():
+def test_real_smollm2_writes_valid_questions_in_two_wordings():
     cache_dir = Path("~/.cache/moral-refresh/models").expanduser()
     g = LocalQAGenerator.load(cache_dir, batch_size=3, num_threads=1)
     texts = [DRONE, BANK, FERRY]
@@ -175,10 +367,16 @@ def test_real_smollm2_writes_valid_questions():
     start = time.monotonic()
     res = g.generate_many(texts)
     per_chunk = (time.monotonic() - start) / len(texts)
+    two_wordings = 0
     for text, r in zip(texts, res, strict=True):
+        by_answer: dict[str, set[str]] = {}
         for p in r.pairs:
             print(f"{p['question']!r} -> {p['answer']!r}")
             assert validate_pair(p["question"], p["answer"], text) is None
-    print(f"{per_chunk:.2f} s per chunk")
-    assert sum(len(r.pairs) for r in res) >= 2 * len(texts)
-    assert all(len(r.pairs) >= 1 for r in res)
+            by_answer.setdefault(p["answer"], set()).add(normalize_question(p["question"]))
+        assert len({normalize_question(p["question"]) for p in r.pairs}) == len(r.pairs)
+        two_wordings += sum(len(qs) >= 2 for qs in by_answer.values())
+    print(f"{per_chunk:.2f} s per chunk, {two_wordings} answers asked in two wordings")
+    assert sum(len(r.pairs) for r in res) >= 3 * len(texts)
+    assert all(len(r.pairs) >= 2 for r in res)
+    assert two_wordings >= 3  # at least one fact per fact-dense paragraph, on average
