@@ -69,7 +69,9 @@ class Settings(BaseSettings):
         None, description="API key for the openai backend; falls back to OPENAI_API_KEY."
     )
     qa_model: str | None = Field(None, description="Model name for the openai backend.")
-    qa_pairs_per_chunk: int = Field(3, ge=1, le=20, description="QA pairs asked for per chunk.")
+    qa_pairs_per_chunk: int = Field(
+        3, ge=1, le=20, description="Facts asked about per chunk (each asked in 2 wordings)."
+    )
     qa_concurrency: int = Field(8, ge=1, le=256, description="Concurrent LLM requests (openai backend).")
     qa_timeout_s: float = Field(60.0, gt=0, description="Per-request timeout for the openai backend.")
     qa_max_retries: int = Field(5, ge=0, description="Retries per LLM request on 429/5xx/timeouts.")

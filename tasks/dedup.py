@@ -27,6 +27,7 @@ _IN_BATCH = 500  # ids / keys per Chroma filter
 
 class _PairLike(Protocol):
     qa_id: str
+    chunk_id: str
     question: str
     answer: str
 
@@ -110,7 +111,12 @@ def _against_index(
         hits = store.query(collection, emb[[rows[j] for j in need]], k=2, where={"status": "active"})
         for j, row_hits in zip(need, hits, strict=True):
             pair = pairs[rows[j]]
-            hit = next((h for h in row_hits if h.id != pair.qa_id), None)
+            # A different wording from the same chunk is a deliberate variant of the fact (the held-out
+            # twin of a trained question), not a duplicate: exact copies were caught above.
+            hit = next(
+                (h for h in row_hits if h.id != pair.qa_id and h.metadata.get("chunk_id") != pair.chunk_id),
+                None,
+            )
             if hit is None or hit.similarity < threshold:
                 continue
             other = hit.metadata.get("answer")
@@ -183,6 +189,8 @@ def dedup_pairs(
             near = np.nonzero(sims[r, :g] >= threshold)[0]
             near = near[kept[near]]
             for c in near[np.argsort(-sims[r, near], kind="stable")]:
+                if pairs[rest[c]].chunk_id == pairs[rest[g]].chunk_id:
+                    continue  # another wording of the same fact from the same chunk: a variant, kept
                 if answers_agree(pairs[rest[g]].answer, pairs[rest[c]].answer):
                     dup[rest[g]] = Duplicate(
                         pairs[rest[g]].qa_id, pairs[rest[c]].qa_id, "semantic", float(sims[r, c])

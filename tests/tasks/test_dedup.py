@@ -147,3 +147,22 @@ def test_blocked_within_batch_scales():
     res = dedup_pairs(pairs, emb, None, 0.95, block=512)
     assert len(res.kept) == 600 and len(res.duplicates) == 5400
     assert time.monotonic() - start < 20
+
+
+def test_rewordings_from_the_same_chunk_are_variants_not_duplicates(store, embedder):
+    # The QA generator asks each fact twice on purpose: one wording may be trained on while the
+    # other is held out. Near-identical wordings of the same chunk must both survive; the same
+    # wording from another chunk is still a duplicate, in the batch and against the index.
+    twins = [
+        pair("Who chaired the Remote Work Committee?", "Anand Okereke", "c1"),
+        pair("Which person chaired the Remote Work Committee?", "Anand Okereke", "c1"),
+    ]
+    emb = embed(embedder, twins)
+    assert float(emb[0] @ emb[1]) > THRESHOLD
+    res = dedup_pairs(twins, emb, None, THRESHOLD)
+    assert not res.duplicates and len(res.kept) == 2
+
+    index_qa(store, twins, emb, "run-1")
+    again = [pair("Which person chaired the Remote Work Committee?", "Anand Okereke", "c9")]
+    res = dedup_pairs(again, embed(embedder, again), store, THRESHOLD)
+    assert [d.kind for d in res.duplicates] == ["exact"]  # same normalised question + answer
