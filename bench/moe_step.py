@@ -158,8 +158,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mmap-threshold",
         type=int,
-        default=1 << 20,
-        help="glibc MALLOC_MMAP_THRESHOLD_ for the arm processes, bytes (0: allocator default)",
+        default=0,
+        help="glibc MALLOC_MMAP_THRESHOLD_ for the arm processes, bytes (0: allocator default); "
+        "e.g. 1048576 makes peak RSS reproducible at some cost in step time",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: torch's default)")
     p.add_argument(
@@ -206,9 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     if args.mmap_threshold > 0:
         # A fixed glibc mmap threshold returns every large freed tensor to the OS at once, so peak RSS
-        # measures live memory. With the default adaptive threshold, identical runs differed by up to
-        # 15% in peak RSS (heap fragmentation), more than the effect being measured.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(args.mmap_threshold))
+        # measures live memory: with the default adaptive threshold identical runs differed by up to
+        # 15% in peak RSS (heap fragmentation). Off by default: the extra page faults cost ~1 s of
+        # system time per step on a VM, which distorts the step-time ratios.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     raw: dict[str, dict[str, list]] = {arm: {} for arm in arms}
     meta = {}
     for rep in range(args.repeats):

@@ -51,7 +51,7 @@ class _DropoutLinear(torch.autograd.Function):
 
     ``F.dropout`` then ``F.linear`` would keep the dropped-out copy of x and a float mask alive
     until backward (4 + 4 bytes per element); this keeps x (often saved anyway, e.g. by the router)
-    and a 1-byte mask, and recomputes the product in backward. About 9 MB per FFN block at
+    and a 1-byte mask, and recomputes the product in backward. About 7 MB per FFN block at
     8 x 128 tokens on SmolLM2: what makes the mixture's peak memory match plain LoRA's.
     """
 

@@ -117,6 +117,8 @@ class MoRALModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: MoRALConfig) -> None:
         super().__init__()
+        if any(isinstance(m, MoRALLinear) for m in base_model.modules()):
+            raise ValueError("this base model already carries MoRAL adapters; load a fresh copy of it")
         self.base_model = base_model
         for p in base_model.parameters():
             p.requires_grad_(False)

@@ -152,7 +152,7 @@ def expert_statistics(
     else:
         chosen = torch.zeros_like(probs).scatter_(-1, topk_idx, 1.0)  # [R, T, E]
     if mask is None:
-        tokens = torch.tensor(float(probs.shape[1]), device=probs.device)
+        tokens = probs.new_full((), float(probs.shape[1]))  # a device fill, not a host->device copy
         return chosen.sum(1), probs.sum(1), tokens
     return mask @ chosen, mask @ probs, mask.sum()  # [T] @ [R, T, E] -> [R, E]
 
@@ -180,7 +180,13 @@ class ExpertStats:
             rec = router.last
             if rec is not None and not rec.counted:
                 rec.counted = True
-                key = (tuple(rec.logits.shape), rec.topk_idx is None, rec.batch_shape, id(rec.attention_mask))
+                key = (
+                    tuple(rec.logits.shape),
+                    rec.logits.device,
+                    rec.topk_idx is None,
+                    rec.batch_shape,
+                    id(rec.attention_mask),
+                )
                 groups.setdefault(key, []).append((i, rec))
         for items in groups.values():
             first = items[0][1]
@@ -189,12 +195,14 @@ class ExpertStats:
             load, importance, tokens = expert_statistics(logits, idx, first.mask)
             if self._load is None:
                 self.reset(device=logits.device)
+            if load.device != self._load.device:  # routers spread over several devices
+                load, importance, tokens = (t.to(self._load.device) for t in (load, importance, tokens))
             if len(items) == len(self.routers):  # the usual case: every router, in order
                 self._load.add_(load)
                 self._importance.add_(importance)
                 self._tokens.add_(tokens)
             else:
-                rows = torch.tensor([i for i, _ in items], device=logits.device)
+                rows = torch.tensor([i for i, _ in items], device=self._load.device)
                 self._load.index_add_(0, rows, load)
                 self._importance.index_add_(0, rows, importance)
                 self._tokens.index_add_(0, rows, tokens.expand(len(items)))

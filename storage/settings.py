@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
     rank: int = Field(8, ge=1, description="LoRA rank of each expert.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / rank).")
-    epochs: int = Field(12, ge=1, description="Training epochs over the delta's train split.")
+    epochs: int = Field(10, ge=1, description="Training epochs over the delta's train split.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     batch_size: int = Field(8, ge=1, description="Training batch size (sequences).")
     warm_start: bool = Field(False, description="Initialise a new version from the champion's weights.")

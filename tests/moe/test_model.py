@@ -258,6 +258,9 @@ def test_unknown_architecture_and_unmatched_targets_raise(llama):
         MoRALModel(llama, MoRALConfig(target_modules=["mlp.w1"]))
     with pytest.raises(TypeError, match="linear"):
         MoRALModel(tiny_llama(), MoRALConfig(target_modules=["mlp.act_fn"]))
+    MoRALModel(llama, MoRALConfig(**SMALL))
+    with pytest.raises(ValueError, match="already carries"):
+        MoRALModel(llama, MoRALConfig(**SMALL))
 
 
 def test_init_experts_from_peft_lora_reproduces_its_delta(tmp_path):
