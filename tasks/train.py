@@ -106,9 +106,8 @@ def train_candidate(
     base, tokenizer = load_base_model(base_path)
     if kind == "moral":
         if parent_dir is not None and settings.warm_start:
-            model = MoRALModel.from_pretrained(base, parent_dir)
-            for name, p in model.named_parameters():
-                p.requires_grad = "base_model" not in name or "experts" in name or "router" in name
+            # Warm start: the champion's experts and routers, trainable; the base stays frozen.
+            model = MoRALModel.from_pretrained(base, parent_dir, is_trainable=True)
         else:
             cfg = MoRALConfig(
                 num_experts=settings.num_experts,

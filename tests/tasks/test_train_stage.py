@@ -57,3 +57,15 @@ def test_a_trained_adapter_is_reused_and_a_corrupt_one_is_retrained(tiny_setting
 def test_no_pairs_is_an_error(tiny_settings, tiny_model_dir):
     with pytest.raises(ValueError, match="nothing to train"):
         train_candidate(tiny_settings, tiny_model_dir, "x", [])
+
+
+def test_warm_start_trains_the_champion_experts(tiny_settings, tiny_model_dir):
+    sha = model_identity(tiny_model_dir)["sha256"]
+    parent = train_candidate(tiny_settings, tiny_model_dir, sha, PAIRS)
+    warm = tiny_settings.model_copy(update={"warm_start": True})
+    child = train_candidate(warm, tiny_model_dir, sha, PAIRS, parent_dir=parent.artifact_dir)
+    assert not child.reused and child.artifact_dir != parent.artifact_dir
+    # Frozen weights would save the loaded adapter unchanged: the weight file itself must differ.
+    weights = "adapter_model.safetensors"
+    assert (child.artifact_dir / weights).read_bytes() != (parent.artifact_dir / weights).read_bytes()
+    assert child.metrics["steps"] >= 1
