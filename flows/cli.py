@@ -1,4 +1,4 @@
-"""The ``moral`` command line: refresh, versions, ask.
+"""The ``moral`` command line: refresh, versions, ask, and the command groups of ``flows/cli_*.py``.
 
 Heavy imports (Prefect, torch, Chroma) happen inside the subcommands, so ``moral --help`` is instant.
 """
@@ -6,15 +6,12 @@ Heavy imports (Prefect, torch, Chroma) happen inside the subcommands, so ``moral
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
+from flows import cli_bank, cli_data, cli_eval, cli_ops
+from flows.cli_util import print_json as _print_json
 from storage.settings import apply_runtime_env
-
-
-def _print_json(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -110,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="answer with this version (3 or v3) instead of the champion")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ask)
+
+    # Further command groups live beside this file, one module each; each adds its subcommands.
+    for group in (cli_data, cli_eval, cli_ops, cli_bank):
+        group.register(sub)
     return parser
 
 

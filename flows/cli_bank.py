@@ -1,0 +1,9 @@
+"""The adapter bank: ``moral bank``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this module's subcommands to the ``moral`` parser."""
