@@ -164,6 +164,135 @@ class CorpusMixin(Database):
         cond = "WHERE NOT resolved" if open_only else ""
         return self.read(QuarantineEntry, f"SELECT * FROM quarantine {cond} ORDER BY id")
 
+    def resolve_quarantine(
+        self, ids: Iterable[int], reason: str, run_id: str | None = None, actor: str | None = None
+    ) -> int:
+        """Close open quarantine entries (the file was fixed or removed); return how many closed."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return 0
+        with self.transaction() as con:
+            closed = [
+                r[0]
+                for r in con.execute(
+                    "UPDATE quarantine SET resolved = true WHERE list_contains(?::BIGINT[], id) AND NOT resolved "
+                    "RETURNING id",
+                    [wanted],
+                ).fetchall()
+            ]
+            if closed:
+                detail = {"ids": sorted(closed), "reason": reason}
+                event(con, "quarantine.resolved", run_id=run_id, actor=actor, detail=detail)
+            return len(closed)
+
+    def retry_quarantined(
+        self, paths: Sequence[str] | None = None, actor: str | None = None
+    ) -> list[QuarantineEntry]:
+        """Let the next ingest read quarantined files again (all, or those at ``paths``).
+
+        The open entries are resolved and the documents recorded as 'quarantined' for their bytes are
+        forgotten: the delta then sees those bytes as new, parses them again, and quarantines them
+        again if they still fail.  Documents in any other state are untouched.
+        """
+        with self.transaction() as con:
+            entries = fetch(con, QuarantineEntry, "SELECT * FROM quarantine WHERE NOT resolved ORDER BY id")
+            if paths is not None:
+                wanted = set(paths)
+                entries = [e for e in entries if e.path in wanted]
+            if not entries:
+                return []
+            con.execute(
+                "UPDATE quarantine SET resolved = true WHERE list_contains(?::BIGINT[], id)",
+                [[e.id for e in entries]],
+            )
+            shas = sorted({e.sha256 for e in entries if e.sha256})
+            if shas:
+                con.execute(
+                    "DELETE FROM documents WHERE status = 'quarantined' AND list_contains(?::VARCHAR[], doc_id)",
+                    [shas],
+                )
+            detail = {"paths": sorted({e.path for e in entries})[:100], "count": len(entries)}
+            event(con, "quarantine.retry", actor=actor, detail=detail)
+            return entries
+
+    def texts_used_elsewhere(self, texts: Iterable[str], doc_ids: Sequence[str]) -> set[str]:
+        """Which of ``texts`` a chunk of a document outside ``doc_ids`` also has (any status)."""
+        wanted = list(dict.fromkeys(texts))
+        if not wanted:
+            return set()
+        with self.transaction() as con:
+            rows = con.execute(
+                "SELECT DISTINCT text FROM chunks WHERE list_contains(?::VARCHAR[], text) "
+                "AND NOT list_contains(?::VARCHAR[], doc_id)",
+                [wanted, list(doc_ids)],
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def cache_models(self) -> list[tuple[str | None, str | None]]:
+        """Distinct (model, prompt_version) of the LLM cache rows: what cache keys can be made of."""
+        with self.transaction() as con:
+            rows = con.execute("SELECT DISTINCT model, prompt_version FROM llm_cache ORDER BY ALL").fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def purge_documents(
+        self, doc_ids: Sequence[str], cache_keys: Sequence[str] = (), actor: str | None = None
+    ) -> dict[str, int]:
+        """Delete documents for good with their chunks, QA pairs, failures, quarantine entries and the
+        given LLM cache rows, in one transaction (``retire_document`` is the reversible way).
+
+        Adapter lineage (``version_pairs``) keeps the ids of purged pairs: versions are immutable
+        records of what they were trained on.  Returns the rows deleted per table.
+        """
+        ids = list(dict.fromkeys(doc_ids))
+        if not ids:
+            raise RegistryError("purge needs at least one document id")
+
+        def delete(con: Any, sql: str, params: list[Any]) -> int:
+            return len(con.execute(sql, params).fetchall())
+
+        with self.transaction() as con:
+            docs = fetch(
+                con, Document, "SELECT * FROM documents WHERE list_contains(?::VARCHAR[], doc_id)", [ids]
+            )
+            if missing := sorted(set(ids) - {d.doc_id for d in docs}):
+                raise RegistryError(f"no document {', '.join(m[:12] for m in missing[:5])}")
+            counts = {
+                "qa_failures": delete(
+                    con,
+                    "DELETE FROM qa_failures WHERE chunk_id IN (SELECT chunk_id FROM chunks "
+                    "WHERE list_contains(?::VARCHAR[], doc_id)) RETURNING chunk_id",
+                    [ids],
+                ),
+                "qa_pairs": delete(
+                    con,
+                    "DELETE FROM qa_pairs WHERE list_contains(?::VARCHAR[], doc_id) RETURNING qa_id",
+                    [ids],
+                ),
+                "chunks": delete(
+                    con,
+                    "DELETE FROM chunks WHERE list_contains(?::VARCHAR[], doc_id) RETURNING chunk_id",
+                    [ids],
+                ),
+                "llm_cache": delete(
+                    con,
+                    "DELETE FROM llm_cache WHERE list_contains(?::VARCHAR[], key) RETURNING key",
+                    [list(cache_keys)],
+                ),
+                "quarantine": delete(
+                    con,
+                    "DELETE FROM quarantine WHERE list_contains(?::VARCHAR[], sha256) RETURNING id",
+                    [ids],
+                ),
+                "documents": delete(
+                    con,
+                    "DELETE FROM documents WHERE list_contains(?::VARCHAR[], doc_id) RETURNING doc_id",
+                    [ids],
+                ),
+            }
+            detail = {"doc_ids": ids, "paths": sorted({d.path for d in docs}), **counts}
+            event(con, "document.purged", actor=actor, detail=detail)
+            return counts
+
     # --- chunks -------------------------------------------------------------------------------
     def add_chunks(self, chunks: Iterable[Chunk], run_id: str | None = None) -> int:
         """Insert chunks, ignoring ids already present; return how many were new."""
@@ -381,6 +510,21 @@ class CorpusMixin(Database):
                 detail = {"count": changed, "reason": reason, "ids": ids[:50]}
                 event(con, "qa.excluded", run_id=run_id, actor=actor, detail=detail)
             return changed
+
+    def resolve_qa_id(self, prefix: str) -> str:
+        """The full id of the one pair whose id starts with ``prefix`` (lists show short ids)."""
+        prefix = prefix.strip().lower()
+        if len(prefix) < 6 or not all(c in "0123456789abcdef" for c in prefix):
+            raise RegistryError(f"not a QA pair id: {prefix!r} (give at least 6 hex characters)")
+        with self.transaction() as con:
+            rows = con.execute(
+                "SELECT qa_id FROM qa_pairs WHERE starts_with(qa_id, ?) ORDER BY qa_id LIMIT 3", [prefix]
+            ).fetchall()
+        if not rows:
+            raise RegistryError(f"no QA pair {prefix}")
+        if len(rows) > 1:
+            raise RegistryError(f"QA pair id {prefix} is ambiguous: give more characters")
+        return str(rows[0][0])
 
     def exclude_pair(self, qa_id: str, reason: str = "excluded", actor: str | None = None) -> None:
         """Exclude one pair; an unknown id is an error."""
