@@ -5,26 +5,40 @@ Suites (closed-book unless noted):
 * ``new_knowledge`` — the delta's held-out ``eval`` pairs (never trained on); also open-book, with
   the top chunks retrieved from Chroma in the prompt, when contexts are supplied;
 * ``retention`` — held-out pairs of earlier deltas (domain retention);
-* ``world_knowledge`` — the FanOutQA holdout, for forgetting: RA and gold-answer NLL.
+* ``world_knowledge`` — the FanOutQA holdout, for forgetting: RA and gold-answer NLL;
+* ``faith`` / ``filter`` / ``refusal`` — the 5L-bench suites built in :mod:`tasks.fivel`.
 
 Per-item values are returned so the gate can bootstrap paired differences.  Metric ``ra`` is
 "gold contained in the answer" on SQuAD-normalised text; ``ra_em`` and ``ra_f1`` are kept too.
+Suites flagged with ``extras`` also get ``qr`` (cosine between the question's and the answer's
+MiniLM embeddings) and ``fl`` (perplexity of the answer, given the question, under the *base*
+model: the adapter is switched off to score, so every model is judged by the same reference LM).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from tasks.metrics import bootstrap_ci, mean, score_answers
+import numpy as np
+
+from tasks.metrics import bootstrap_ci, cosine_rows, faithful, gold_contained, is_refusal, mean, score_answers
+
+Embed = Callable[[Sequence[str]], np.ndarray]  # texts -> [n, d] embeddings
 
 
 @dataclass(frozen=True)
 class EvalItem:
     question: str
     answer: str
-    context: str | None = None
+    context: str | tuple[str, ...] | None = None  # one text, or passages numbered in the prompt
+    original: str | None = None  # Faith items: the gold answer the counterfactual replaced
+
+
+SuiteKind = Literal["qa", "faith", "filter", "refusal"]
 
 
 @dataclass
@@ -33,6 +47,9 @@ class Suite:
     items: list[EvalItem]
     mode: str = "closed"  # "closed" | "open"
     nll: bool = False  # also compute teacher-forced gold-answer NLL
+    kind: SuiteKind = "qa"  # which scorer applies (see score_suite)
+    system: str | None = None  # system prompt for this suite's questions
+    extras: tuple[str, ...] = ()  # per-answer extras: "qr", "fl"
 
     @property
     def key(self) -> str:
@@ -47,6 +64,35 @@ class EvalOutput:
     )  # suite key -> model -> answers
 
 
+def score_suite(suite: Suite, answers: Sequence[str]) -> dict[str, list[float]]:
+    """Per-item scores of one suite's answers, by the suite's kind."""
+    items = suite.items
+    if suite.kind == "faith":
+        return {
+            "faith": [faithful(a, it.answer, it.original or "") for a, it in zip(answers, items, strict=True)]
+        }
+    if suite.kind == "filter":
+        return {"filter": [gold_contained(a, it.answer) for a, it in zip(answers, items, strict=True)]}
+    if suite.kind == "refusal":
+        return {"rr": [is_refusal(a) for a in answers]}
+    per_item = score_answers(answers, [it.answer for it in items])
+    per_item["ra"] = per_item["ra_contains"]
+    return per_item
+
+
+def query_relevance(embed: Embed, questions: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """QR: cosine between question and answer embeddings (0 for an empty answer)."""
+    q = embed(list(questions))  # [n, d]
+    a = embed([ans if ans.strip() else " " for ans in answers])  # [n, d]
+    return [s if ans.strip() else 0.0 for s, ans in zip(cosine_rows(q, a), answers, strict=True)]
+
+
+def base_view(model) -> AbstractContextManager:
+    """A context in which ``model`` runs as its base model (MoRAL and peft both offer one)."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) else nullcontext()
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -54,6 +100,7 @@ def evaluate_model(
     *,
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    embed: Embed | None = None,
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[str]]]:
     """Scores of one model on every suite: one batched generation (and NLL) pass per suite."""
     from moe.infer import answer_nll, generate_answers
@@ -73,16 +120,71 @@ def evaluate_model(
             contexts=contexts,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
+            system=suite.system,
         )
-        per_item = score_answers(answers, golds)
-        per_item["ra"] = per_item["ra_contains"]
+        per_item = score_suite(suite, answers)
         if suite.nll:
             per_item["nll"] = answer_nll(
                 model, tokenizer, questions, golds, contexts=contexts, batch_size=batch_size
             )
+        if "qr" in suite.extras and embed is not None:
+            per_item["qr"] = query_relevance(embed, questions, answers)
+        if "fl" in suite.extras:
+            # Empty answers have no tokens to score: FL is over the answers that were given.
+            said = [(q, a) for q, a in zip(questions, answers, strict=True) if a.strip()]
+            if said:
+                with base_view(model):
+                    nll = answer_nll(
+                        model, tokenizer, [q for q, _ in said], [a for _, a in said], batch_size=batch_size
+                    )
+                per_item["fl"] = [float(np.exp(v)) for v in nll]
         scores[suite.key] = per_item
         preds[suite.key] = answers
     return scores, preds
+
+
+def evaluate_adapters(
+    base_path: Path,
+    suites: Sequence[Suite],
+    adapters: dict[str, Path],
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    embed: Embed | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EvalOutput:
+    """The base model (scored with the first adapter switched off) and each named adapter.
+
+    One base-model load per adapter (adapters are injected into the model in place), one batched pass
+    per suite and model; no per-question reloads.
+    """
+    from moe.base_model import load_base_model
+
+    say = progress or (lambda _msg: None)
+    out = EvalOutput(scores={}, predictions={})
+
+    def record(model_name: str, model, tokenizer) -> None:
+        say(f"evaluating {model_name}")
+        sc, pr = evaluate_model(
+            model, tokenizer, suites, max_new_tokens=max_new_tokens, batch_size=batch_size, embed=embed
+        )
+        for key, metrics in sc.items():
+            out.scores.setdefault(key, {})[model_name] = metrics
+            out.predictions.setdefault(key, {})[model_name] = pr[key]
+
+    if not adapters:
+        base, tokenizer = load_base_model(base_path)
+        record("base", base, tokenizer)
+        return out
+    for i, (name, directory) in enumerate(adapters.items()):
+        base, tokenizer = load_base_model(base_path)
+        model = load_adapter(base, directory)
+        if i == 0:
+            with model.disable_adapter():
+                record("base", model, tokenizer)
+        record(name, model, tokenizer)
+        del model, base
+    return out
 
 
 def evaluate_versions(
@@ -93,37 +195,22 @@ def evaluate_versions(
     champion_dir: Path | None,
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    embed: Embed | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EvalOutput:
     """Base (adapter disabled), champion and candidate on the same suites."""
-    from moe.base_model import load_base_model
-
-    say = progress or (lambda _msg: None)
-    out = EvalOutput(scores={}, predictions={})
-
-    def record(model_name: str, model, tokenizer) -> None:
-        say(f"evaluating {model_name}")
-        sc, pr = evaluate_model(
-            model, tokenizer, suites, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
-        for key, metrics in sc.items():
-            out.scores.setdefault(key, {})[model_name] = metrics
-            out.predictions.setdefault(key, {})[model_name] = pr[key]
-
-    base, tokenizer = load_base_model(base_path)
-    if candidate_dir is not None:
-        candidate = load_adapter(base, candidate_dir)
-        with candidate.disable_adapter():
-            record("base", candidate, tokenizer)
-        record("candidate", candidate, tokenizer)
-        del candidate, base
-    else:
-        record("base", base, tokenizer)
-        del base
+    adapters = {"candidate": candidate_dir} if candidate_dir is not None else {}
     if champion_dir is not None:
-        base2, tokenizer = load_base_model(base_path)
-        record("champion", load_adapter(base2, champion_dir), tokenizer)
-    return out
+        adapters["champion"] = champion_dir
+    return evaluate_adapters(
+        base_path,
+        suites,
+        adapters,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        embed=embed,
+        progress=progress,
+    )
 
 
 def load_adapter(base, adapter_dir: Path):

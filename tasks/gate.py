@@ -31,6 +31,18 @@ class GateThresholds:
     min_n_for_ci: int = 30  # below this sample size the margin alone decides
     seed: int = 0
 
+    @classmethod
+    def from_settings(cls, settings) -> GateThresholds:
+        """The thresholds a run's settings (``MORAL_GATE_*`` or the flow's parameters) ask for."""
+        return cls(
+            min_gain=settings.gate_min_gain,
+            max_nll_rise=settings.gate_max_nll_rise,
+            max_ra_drop=settings.gate_max_ra_drop,
+            max_retention_drop=settings.gate_max_retention_drop,
+            min_n_for_ci=settings.gate_min_n_for_ci,
+            seed=settings.seed,
+        )
+
 
 @dataclass
 class Check:

@@ -8,6 +8,7 @@ would call wrong).  Intervals come from a seeded bootstrap so a rerun reproduces
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -82,3 +83,46 @@ def paired_bootstrap_diff(
     diff = xa - xb
     low, high = bootstrap_ci(diff, n_resamples=n_resamples, alpha=alpha, seed=seed)
     return (float(diff.mean()), low, high)
+
+
+# --- 5L-bench scorers (deterministic; see tasks/fivel.py for how their items are built) -----------
+
+# A refusal is an explicit statement that the answer is not known or not in the passages.  The
+# patterns run on lower-cased text with apostrophes unified, so "I don’t know." and "I do not know"
+# both match; an empty answer is *not* a refusal (the model said nothing, it did not decline).
+_REFUSAL_PATTERNS = (
+    r"\bi (?:do not|don't|dont) know\b",
+    r"\b(?:i )?(?:cannot|can't|can not|am unable to|unable to) (?:answer|say|tell|determine|find)\b",
+    r"\b(?:not|isn't|is not|wasn't|was not) (?:mentioned|stated|given|provided|specified|included)\b",
+    r"\b(?:no|not enough) information\b",
+    r"\b(?:does|do|did) not (?:say|mention|state|specify|contain|provide|include)\b",
+    r"\bdoesn't (?:say|mention|state|specify|contain|provide|include)\b",
+    r"\bnot (?:in|found in) the (?:passage|passages|context|text)\b",
+    r"^unknown\b",
+    r"^(?:no answer|n/a)\b",
+)
+_REFUSAL_RE = re.compile("|".join(_REFUSAL_PATTERNS))
+
+
+def is_refusal(prediction: str) -> float:
+    """1.0 when the answer declines ("I don't know", "not mentioned in the passages", ...), else 0.0."""
+    text = prediction.strip().lower().replace("\u2019", "'").replace("`", "'")
+    return float(bool(text) and _REFUSAL_RE.search(text) is not None)
+
+
+def faithful(prediction: str, counterfactual: str, original: str) -> float:
+    """Faith: the answer follows the supplied (counterfactual) context rather than parametric memory:
+    it contains the substituted answer and not the original one."""
+    return float(
+        gold_contained(prediction, counterfactual) == 1.0 and gold_contained(prediction, original) == 0.0
+    )
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Row-wise cosine similarity of two ``[n, d]`` matrices (rows need not be normalised)."""
+    if a.shape != b.shape:
+        raise ValueError(f"embedding matrices differ in shape: {a.shape} vs {b.shape}")
+    num = (a * b).sum(axis=1)  # [n]
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)  # [n]
+    out = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    return [float(x) for x in out]

@@ -356,6 +356,7 @@ def train_stage(
         actor="refresh",
         trained_pairs=roles,
     )
+    save_training_log(settings, version, outcome.metrics)
     _say(progress, f"train: registered candidate v{version} ({outcome.metrics.get('seconds')} s)")
     return TrainSummary(
         version=version,
@@ -383,32 +384,83 @@ def scores_path(settings: Settings, version: int) -> Path:
     return settings.home / "evaluations" / f"v{version}.json"
 
 
+def training_log_path(settings: Settings, version: int) -> Path:
+    return settings.home / "training" / f"v{version}.json"
+
+
+def save_training_log(settings: Settings, version: int, metrics: dict) -> Path:
+    """Keep the loss curve and router statistics of a version's training (for its plots and report);
+    the adapter directory itself is immutable and checksummed, so this lives beside it."""
+    keep = (
+        "losses",
+        "aux_losses",
+        "expert_stats",
+        "steps",
+        "seconds",
+        "train_pairs",
+        "first_loss",
+        "final_loss",
+    )
+    path = training_log_path(settings, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": version, **{k: metrics[k] for k in keep if k in metrics}}))
+    tmp.replace(path)
+    return path
+
+
 def build_suites(settings: Settings, reg: Registry, version: int) -> list:
-    """The evaluation suites for a candidate: its delta's held-out pairs (closed and open book),
-    a sample of its trained pairs (recall), earlier deltas' held-out pairs, and the world holdout."""
+    """The evaluation suites for a candidate, each document suite closed- and open-book:
+
+    * ``new_knowledge`` — held-out ``eval`` pairs of the documents in its delta;
+    * ``trained_recall`` — a sample of the delta pairs it was trained on;
+    * ``retention`` — held-out ``eval`` pairs of documents that *earlier* versions were trained on
+      (whether or not this version replayed them), for domain retention;
+    * ``faith`` / ``filter`` / ``refusal`` — the 5L-bench suites from the delta's eval pairs;
+    * ``world_knowledge`` — the FanOutQA holdout, closed-book (it has no passages).
+    """
     from tasks.evaluate import EvalItem, Suite
+    from tasks.fivel import SourcedPair, fivel_suites
     from tasks.holdout import holdout_sample
 
     lineage = reg.trained_pairs(version)
     active = {p.qa_id: p for p in reg.qa_pairs()}
     delta_docs = {active[q].doc_id for q, role in lineage.items() if role == "delta" and q in active}
-    replay_docs = {active[q].doc_id for q, role in lineage.items() if role == "replay" and q in active}
+    earlier_docs: set[str] = set()
+    for v in reg.list_versions():
+        if v.version < version:
+            earlier_docs |= {active[q].doc_id for q in reg.trained_pairs(v.version) if q in active}
     eval_pairs = reg.qa_pairs(split="eval")
     new = [p for p in eval_pairs if p.doc_id in delta_docs]
-    retained = [p for p in eval_pairs if p.doc_id in replay_docs - delta_docs]
+    retained = [p for p in eval_pairs if p.doc_id in earlier_docs - delta_docs]
     recall = sorted(
         (active[q] for q, r in lineage.items() if r == "delta" and q in active), key=lambda p: p.qa_id
-    )
-    suites = [
-        Suite("new_knowledge", [EvalItem(p.question, p.answer) for p in new]),
-        Suite("trained_recall", [EvalItem(p.question, p.answer) for p in recall[: settings.recall_sample]]),
-    ]
-    if new:
-        suites.append(
-            Suite("new_knowledge", open_book_items(settings, [(p.question, p.answer) for p in new]), "open")
-        )
-    if retained:
-        suites.append(Suite("retention", [EvalItem(p.question, p.answer) for p in retained]))
+    )[: settings.recall_sample]
+    suites = []
+    for name, pairs, extras in (
+        ("new_knowledge", new, ("qr", "fl")),
+        ("trained_recall", recall, ()),
+        ("retention", retained, ()),
+    ):
+        if not pairs and name != "new_knowledge":
+            continue  # new_knowledge stays, even empty: the gate says why it cannot promote
+        qa = [(p.question, p.answer) for p in pairs]
+        suites.append(Suite(name, [EvalItem(q, a) for q, a in qa], extras=extras))
+        if pairs:
+            suites.append(
+                Suite(name, open_book_items(settings, qa, k=settings.open_book_k), "open", extras=extras)
+            )
+    if new and settings.fivel_size > 0:
+        chunks = {c.chunk_id: c for c in reg.chunks()}
+        sourced = [
+            SourcedPair(p.question, p.answer, chunks[p.chunk_id].text, p.doc_id)
+            for p in sorted(new, key=lambda p: p.qa_id)
+            if p.chunk_id in chunks
+        ]
+        pool = [(c.doc_id, c.text) for c in chunks.values() if c.doc_id not in delta_docs] or [
+            (c.doc_id, c.text) for c in chunks.values()
+        ]
+        suites += fivel_suites(sourced, pool, settings.fivel_size, settings.fivel_distractors, settings.seed)
     holdout = holdout_sample(settings.holdout_size, settings.seed)
     if holdout:
         suites.append(Suite("world_knowledge", [EvalItem(h.question, h.answer) for h in holdout], nll=True))
@@ -426,9 +478,12 @@ def open_book_items(settings: Settings, qa: list[tuple[str, str]], k: int = 3) -
 
 
 def evaluate_stage(
-    settings: Settings, run_id: str, version: int, progress: Progress | None = None
+    settings: Settings, run_id: str, version: int, progress: Progress | None = None, force: bool = False
 ) -> EvaluateSummary:
-    """Base, champion and candidate on every suite; per-item scores saved for the gate, rows in the registry."""
+    """Base, champion and candidate on every suite; per-item scores saved for the gate, rows in the registry.
+
+    ``force`` re-evaluates even when scores are saved (``moral eval --rerun``): the new scores replace
+    the file atomically and the registry gains a new set of rows (older ones stay, append-only)."""
     from tasks.evaluate import evaluate_versions, evaluation_rows
 
     reg = Registry.from_settings(settings)
@@ -438,7 +493,7 @@ def evaluate_stage(
     champion, note = usable_champion(reg, identity["sha256"])
     if champion is not None and champion.version == version:
         champion = None
-    if path.exists():
+    if path.exists() and not force:
         saved = json.loads(path.read_text())
         _say(progress, f"evaluate: v{version} already evaluated, reusing its scores")
         return EvaluateSummary(
@@ -446,6 +501,7 @@ def evaluate_stage(
         )
 
     from storage.artifacts import AdapterStore
+    from storage.vectors import Embedder
 
     for v in [cand] + ([champion] if champion is not None else []):
         AdapterStore(Path(v.artifact_uri).parent).verify(Path(v.artifact_uri).name, v.artifact_sha256)
@@ -458,6 +514,7 @@ def evaluate_stage(
         candidate_dir=Path(cand.artifact_uri),
         champion_dir=Path(champion.artifact_uri) if champion is not None else None,
         max_new_tokens=settings.eval_max_new_tokens,
+        embed=Embedder.from_settings(settings).encode,
         progress=lambda m: _say(progress, f"evaluate: {m}"),
     )
     rows = evaluation_rows(output, suites, seed=settings.seed)
@@ -521,15 +578,13 @@ def promote_stage(
     from tasks.gate import GateThresholds, decide
 
     reg = Registry.from_settings(settings)
-    saved = json.loads(scores_path(settings, version).read_text())
-    thresholds = GateThresholds(
-        min_gain=settings.gate_min_gain,
-        max_nll_rise=settings.gate_max_nll_rise,
-        max_ra_drop=settings.gate_max_ra_drop,
-        max_retention_drop=settings.gate_max_retention_drop,
-        seed=settings.seed,
+    path = scores_path(settings, version)
+    if not path.exists():
+        raise FileNotFoundError(f"v{version} has no saved evaluation ({path}): run the evaluate stage first")
+    saved = json.loads(path.read_text())
+    decision = decide(
+        saved["scores"], GateThresholds.from_settings(settings), has_champion=saved["has_champion"]
     )
-    decision = decide(saved["scores"], thresholds, has_champion=saved["has_champion"])
     reasons = ([saved["champion_note"]] if saved.get("champion_note") else []) + decision.reasons
     reg.set_version_metrics(
         version, {"evaluation": saved["means"], "sizes": saved["sizes"], "gate": decision.to_dict()}

@@ -84,3 +84,52 @@ def test_no_held_out_questions_means_no_promotion():
         {"new_knowledge": {"candidate": {"ra": []}, "base": {"ra": []}}}, GateThresholds(), has_champion=False
     )
     assert not d.promote and "no held-out" in d.reasons[0]
+
+
+def test_rejects_forgetting_that_crept_in_across_versions_cumulatively_against_base():
+    # Against the champion the NLL rise is only +10%, but the champion itself had drifted from the
+    # base: against the base the candidate is +37.5%, beyond the allowed +25%.
+    scores = {
+        "new_knowledge": {"candidate": {"ra": [1, 1, 1, 1]}, "champion": {"ra": [0, 0, 0, 0]}},
+        "world_knowledge": {
+            "candidate": {"nll": [5.5, 5.5], "ra": [0.0, 0.0]},
+            "champion": {"nll": [5.0, 5.0], "ra": [0.0, 0.0]},
+            "base": {"nll": [4.0, 4.0], "ra": [0.0, 0.0]},
+        },
+    }
+    d = decide(scores, GateThresholds(max_nll_rise=0.25), has_champion=True)
+    assert not d.promote
+    by_name = {c.name: c.passed for c in d.checks}
+    assert by_name["world_nll_vs_champion"] is True and by_name["world_nll_vs_base"] is False
+    assert d.reasons[0].startswith("rejected: world-knowledge answer NLL") and "vs base" in d.reasons[0]
+
+
+def test_rejects_a_world_knowledge_accuracy_drop_against_the_champion():
+    scores = {
+        "new_knowledge": {"candidate": {"ra": [1, 1]}, "champion": {"ra": [0, 0]}},
+        "world_knowledge": {
+            "candidate": {"nll": [4.0] * 10, "ra": [0.0] * 10},
+            "champion": {"nll": [4.0] * 10, "ra": [1.0] + [0.0] * 9},
+            "base": {"nll": [4.0] * 10, "ra": [0.0] * 10},
+        },
+    }
+    d = decide(scores, GateThresholds(max_ra_drop=0.05), has_champion=True)
+    assert [c.name for c in d.checks if not c.passed] == ["world_ra_vs_champion"]
+
+
+def test_small_samples_are_decided_by_the_margin_and_the_threshold_is_configurable():
+    # n = 10 with a noisy +0.1 gain: below min_n_for_ci the margin alone decides (promote) ...
+    cand = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    ref = [0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+    d = decide(table(cand, ref), GateThresholds(min_gain=0.05, min_n_for_ci=30), has_champion=False)
+    assert d.promote and "n=10 < 30, so the margin alone decides" in d.reasons[0]
+    # ... and with min_n_for_ci lowered to 10 the CI is required and includes zero (reject).
+    d = decide(table(cand, ref), GateThresholds(min_gain=0.05, min_n_for_ci=10), has_champion=False)
+    assert not d.promote and "includes zero" in d.reasons[0]
+
+
+def test_thresholds_come_from_settings(settings):
+    s = settings.model_copy(update={"gate_min_gain": 0.2, "gate_min_n_for_ci": 12, "seed": 5})
+    t = GateThresholds.from_settings(s)
+    assert (t.min_gain, t.min_n_for_ci, t.seed) == (0.2, 12, 5)
+    assert t.max_nll_rise == settings.gate_max_nll_rise

@@ -58,3 +58,49 @@ def test_paired_difference_of_identical_samples_is_exactly_zero():
     assert diff == low == high == 1.0
     with pytest.raises(ValueError):
         paired_bootstrap_diff([1], [1, 2])
+
+
+def test_refusal_detector_golden_cases():
+    from tasks.metrics import is_refusal
+
+    refusals = [
+        "I don't know.",
+        "I don’t know",
+        "I do not know the answer.",
+        "The passages do not mention the launch date.",
+        "This is not mentioned in the passages.",
+        "There is no information about that.",
+        "Unknown",
+        "I cannot answer that from the context.",
+    ]
+    answers = ["Paris", "It was founded in 1998.", "Known for its bridges", "", "No. 5 is the answer"]
+    assert [is_refusal(r) for r in refusals] == [1.0] * len(refusals)
+    assert [is_refusal(a) for a in answers] == [0.0] * len(answers)
+
+
+def test_faithful_needs_the_counterfactual_and_not_the_original():
+    from tasks.metrics import faithful
+
+    assert faithful("It weighs 7.5 kg.", "7.5 kg", "2.4 kg") == 1.0
+    assert faithful("It weighs 2.4 kg.", "7.5 kg", "2.4 kg") == 0.0
+    assert faithful("Either 2.4 kg or 7.5 kg", "7.5 kg", "2.4 kg") == 0.0
+
+
+def test_cosine_rows_golden_values():
+    import numpy as np
+
+    from tasks.metrics import cosine_rows
+
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    b = np.array([[2.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    assert cosine_rows(a, b) == pytest.approx([1.0, 2**-0.5, 0.0])
+    with pytest.raises(ValueError):
+        cosine_rows(a, b[:2])
+
+
+def test_paired_bootstrap_is_deterministic_under_a_seed():
+    a = [1, 0, 1, 1, 0, 1, 1, 0, 1, 1]
+    b = [0, 0, 1, 0, 0, 1, 0, 0, 1, 0]
+    assert paired_bootstrap_diff(a, b, seed=3) == paired_bootstrap_diff(a, b, seed=3)
+    diff, low, high = paired_bootstrap_diff(a, b, seed=3)
+    assert diff == pytest.approx(0.4) and low <= diff <= high
