@@ -38,6 +38,18 @@ class RefreshParams(BaseModel):
     gate_max_retention_drop: float | None = Field(
         None, ge=0, description="Max domain-retention RA drop (points)."
     )
+    gate_min_n_for_ci: int | None = Field(
+        None, ge=1, description="Below this many new-knowledge questions the margin alone decides."
+    )
+    fivel_size: int | None = Field(None, ge=0, description="Items per 5L-bench suite (0 disables them).")
+    require_approval: bool | None = Field(
+        None,
+        description="Pause before promotion until someone resumes the run in the Prefect UI (needs a "
+        "Prefect server; a local run without one leaves the version a candidate 'awaiting approval').",
+    )
+    approval_timeout_s: int | None = Field(
+        None, ge=1, description="Seconds a paused run waits for approval before leaving a candidate."
+    )
     max_llm_calls: int | None = Field(None, ge=0, description="Per-run cap on LLM calls for QA generation.")
     max_llm_tokens: int | None = Field(None, ge=0, description="Per-run cap on LLM tokens for QA generation.")
 
@@ -46,5 +58,6 @@ class RefreshParams(BaseModel):
         keys = {
             "qa_backend", "epochs", "learning_rate", "num_experts", "top_k", "holdout_size", "gate_min_gain",
             "gate_max_nll_rise", "gate_max_ra_drop", "gate_max_retention_drop", "max_llm_calls", "max_llm_tokens",
+            "gate_min_n_for_ci", "fivel_size", "require_approval", "approval_timeout_s",
         }  # fmt: skip
         return {k: v for k, v in self.model_dump().items() if k in keys and v is not None}

@@ -187,6 +187,36 @@ class Registry(CorpusMixin, VersionsMixin):
         clauses, params = filters(version=None if version is None else parse_version(version), run_id=run_id)
         return self.read(Evaluation, f"SELECT * FROM evaluations {where(clauses)} ORDER BY id", params)
 
+    def latest_evaluations(self, version: int | str | None = None) -> list[Evaluation]:
+        """Per version, only the rows of its most recent evaluation (a rerun appends a new set; the
+        rows of one evaluation are written in one transaction and share their ``created_at``)."""
+        params: list[Any] = []
+        sql = (
+            "SELECT e.* FROM evaluations e JOIN (SELECT version, max(created_at) AS latest FROM evaluations "
+            "GROUP BY version) l ON e.version = l.version AND e.created_at = l.latest"
+        )
+        if version is not None:
+            sql += " WHERE e.version = ?"
+            params.append(parse_version(version))
+        return self.read(Evaluation, sql + " ORDER BY e.version, e.id", params)
+
+    def hold_for_approval(
+        self, version: int | str, reasons: list[str], actor: str | None = "gate", run_id: str | None = None
+    ) -> None:
+        """Leave a candidate undecided with the reasons why (e.g. awaiting a person's approval)."""
+        v = parse_version(version)
+        with self.transaction() as con:
+            row = con.execute("SELECT status FROM adapter_versions WHERE version = ?", [v]).fetchone()
+            if row is None:
+                raise RegistryError(f"no version v{v}")
+            if row[0] != "candidate":
+                raise RegistryError(f"v{v} is {row[0]}; only a candidate can await approval")
+            con.execute(
+                "UPDATE adapter_versions SET decision_reasons = ?, updated_at = ? WHERE version = ?",
+                [dumps(list(reasons)), utcnow(), v],
+            )
+            event(con, "version.awaiting_approval", v, run_id, actor, {"reasons": reasons})
+
     def log_event(
         self,
         kind: str,

@@ -118,6 +118,23 @@ class Settings(BaseSettings):
     )
     gate_max_retention_drop: float = Field(0.10, ge=0, description="Max drop of domain-retention RA.")
 
+    gate_min_n_for_ci: int = Field(
+        30, ge=1, description="Below this many new-knowledge questions the margin alone decides (no CI)."
+    )
+    fivel_size: int = Field(
+        12, ge=0, description="Items per 5L-bench suite (Faith, Filter, RR); 0 disables them."
+    )
+    fivel_distractors: int = Field(
+        2, ge=1, description="Distractor passages per Filter/RR item (chunks of other documents)."
+    )
+    open_book_k: int = Field(3, ge=1, description="Chunks retrieved into the prompt for open-book suites.")
+    require_approval: bool = Field(
+        False, description="Pause a refresh before promotion until a person resumes it in the Prefect UI."
+    )
+    approval_timeout_s: int = Field(
+        3600, ge=1, description="How long a paused refresh waits for approval before leaving a candidate."
+    )
+
     @field_validator("home", "model_cache", mode="after")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
