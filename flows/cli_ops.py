@@ -4,6 +4,139 @@ from __future__ import annotations
 
 import argparse
 
+from flows.cli_util import print_json
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from flows.rollback import cli_actor, emit_adapter_event, promote_version
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    result = promote_version(settings, args.version, reason=args.reason, force=args.force, actor=cli_actor())
+    result["event_emitted"] = emit_adapter_event("promoted", result["version"], settings, result)
+    if args.json:
+        print_json(result)
+    else:
+        forced = " (forced)" if result["forced"] else ""
+        print(
+            f"{result['version']} is now the champion{forced} (was {result['previous_champion'] or 'none'})"
+        )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from flows.rollback import cli_actor, emit_adapter_event, rollback_adapter
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    result = rollback_adapter(settings, to=args.to, reason=args.reason, actor=cli_actor())
+    result["event_emitted"] = emit_adapter_event("rolled-back", result["to"], settings, result)
+    if args.json:
+        print_json(result)
+    else:
+        print(f"rolled back: {result['to']} is the champion again; {result['from']} is revoked")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from flows.rollback import cli_actor
+    from storage.backup import gc
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    if args.older_than_days is not None:
+        settings = settings.model_copy(update={"gc_rejected_after_days": args.older_than_days})
+    report = gc(settings, dry_run=args.dry_run, actor=cli_actor())
+    if args.json:
+        print_json(asdict(report))
+        return 0
+    verb = "would delete" if report.dry_run else "deleted"
+    for item in report.deleted:
+        print(f"{verb} {item['version']}: {item['path']} ({item['bytes']} bytes)")
+    print(
+        f"{verb} files of {len(report.deleted)} rejected version(s) older than {report.older_than_days:g} days, "
+        f"{report.bytes_freed} bytes"
+    )
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from storage.backup import backup
+    from storage.settings import get_settings
+
+    report = backup(get_settings(), args.dir)
+    if args.json:
+        print_json(asdict(report))
+    else:
+        print(
+            f"backup in {report.path}: registry ({report.versions} versions, schema {report.schema_versions[-1]}), "
+            f"{len(report.adapters)} adapter dirs, {report.evaluations} evaluation files, {report.bytes} bytes"
+        )
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import serve_deployments
+
+    serve_deployments(limit=args.limit)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import run_server
+    from storage.settings import get_settings
+
+    run_server(get_settings(), host=args.host, port=args.port)
+    return 0
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the ``moral`` parser."""
+    p = sub.add_parser("promote", help="make a version the champion (audited; --force for rejected/revoked)")
+    p.add_argument("version", help="version to promote (3 or v3)")
+    p.add_argument("--reason", required=True, help="why (required: written to the audit log)")
+    p.add_argument(
+        "--force", action="store_true", help="promote a rejected or revoked version anyway (an override)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="move the champion back; the version rolled back from is revoked")
+    p.add_argument("--to", help="version to roll back to (default: the previous promoted champion)")
+    p.add_argument("--reason", default="rollback from the CLI", help="why (written to the audit log)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser(
+        "gc", help="delete the files of old rejected versions (never promoted or revoked ones)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    p.add_argument(
+        "--older-than-days", type=float, help="age threshold (default: MORAL_GC_REJECTED_AFTER_DAYS)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("backup", help="consistent copy of the registry, adapters and evaluations into DIR")
+    p.add_argument("dir", help="a new (or empty) directory outside the data home")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser(
+        "deploy",
+        help="serve the knowledge-refresh (nightly + manual) and rollback-adapter deployments from this process",
+    )
+    p.add_argument("--limit", type=int, default=1, help="flow runs at once in this process (default 1)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible endpoint answering with the champion (follows promotions and rollbacks)",
+    )
+    p.add_argument("--host", help="address to bind (default: MORAL_SERVE_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: MORAL_SERVE_PORT, 8000)")
+    p.set_defaults(func=cmd_serve)

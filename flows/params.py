@@ -61,3 +61,19 @@ class RefreshParams(BaseModel):
             "gate_min_n_for_ci", "fivel_size", "require_approval", "approval_timeout_s",
         }  # fmt: skip
         return {k: v for k, v in self.model_dump().items() if k in keys and v is not None}
+
+
+class RollbackParams(BaseModel):
+    """Parameters of the ``rollback-adapter`` flow (the UI's Run form shows these)."""
+
+    to: str | None = Field(
+        None,
+        description="Version to roll back to (e.g. v3). Empty: the previous promoted champion.",
+        pattern=r"^\s*[vV]?\d+\s*$",
+    )
+    reason: str = Field(
+        "rollback from the Prefect UI",
+        min_length=1,
+        description="Why; written to the registry's audit log with the flow run id.",
+    )
+    actor: str | None = Field(None, description="Who asked for it (default: the flow's name).")

@@ -15,6 +15,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.params import RefreshParams
+from flows.rollback import emit_adapter_event
+from storage.lock import refresh_lock
 from storage.registry import Registry
 from storage.settings import Settings, get_settings
 from tasks import prefect_tasks as t
@@ -47,6 +49,13 @@ def knowledge_refresh(params: RefreshParams = RefreshParams()) -> dict:  # noqa:
     started = time.perf_counter()
     settings = settings_for(params)
     settings.ensure_dirs()
+    # One refresh per data home, however it was started: a second one fails here, naming the holder,
+    # before it has written anything.
+    with refresh_lock(settings.home, flow_run_id=_flow_run_id()):
+        return _refresh_locked(params, settings, started)
+
+
+def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -> dict:
     reg = Registry.from_settings(settings)
     run_id = reg.start_run(params.model_dump(), flow_run_id=_flow_run_id())
     summary: dict = {
@@ -85,6 +94,9 @@ def knowledge_refresh(params: RefreshParams = RefreshParams()) -> dict:  # noqa:
             return _finish(reg, summary, started, stopped="evaluate")
         pr = t.promote(settings, run_id, tr.version)
         summary.update(decision=pr.decision, reasons=pr.reasons)
+        if pr.decision == "promoted":
+            payload = {"operation": "promote", "version": f"v{tr.version}", "actor": "gate", "run_id": run_id}
+            summary["event_emitted"] = emit_adapter_event("promoted", f"v{tr.version}", settings, payload)
         return _finish(reg, summary, started)
     except BaseException as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")

@@ -156,7 +156,9 @@ class AdapterStore:
         if extra := sorted(present - set(recorded)):
             raise ArtifactError(f"adapter {directory.name} has unexpected files: {', '.join(extra)}")
         if changed := sorted(n for n, sha in recorded.items() if _file_sha256(directory / n) != sha):
-            raise ArtifactError(f"adapter {directory.name} is corrupt: checksum mismatch in {', '.join(changed)}")
+            raise ArtifactError(
+                f"adapter {directory.name} is corrupt: checksum mismatch in {', '.join(changed)}"
+            )
         actual = self.checksum(directory)
         for label, wanted in (
             ("its CHECKSUM file", manifest.get("sha256")),
@@ -175,7 +177,9 @@ class AdapterStore:
         directory = self.path(version)
         if not directory.exists():
             return False
-        doomed = self.root / f"{_TMP_PREFIX}deleted-{self.path(version).name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        doomed = (
+            self.root / f"{_TMP_PREFIX}deleted-{self.path(version).name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         os.rename(directory, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
         return True
@@ -193,3 +197,19 @@ class AdapterStore:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
         return sorted(removed)
+
+
+def verify_uri(uri: str | Path | None, expected_sha256: str | None, label: str = "adapter") -> None:
+    """Verify the adapter directory a registry row points at (``artifact_uri`` + ``artifact_sha256``).
+
+    The one check every loader, promotion and rollback runs before trusting a version's files.
+    """
+    if not uri:
+        raise ArtifactError(f"{label} has no files recorded")
+    if not expected_sha256:
+        raise ArtifactError(f"{label} has no checksum recorded; its files cannot be trusted")
+    path = Path(uri)
+    try:
+        AdapterStore(path.parent).verify(path.name, expected_sha256)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{label}: {exc}") from exc

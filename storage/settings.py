@@ -135,6 +135,40 @@ class Settings(BaseSettings):
         3600, ge=1, description="How long a paused refresh waits for approval before leaving a candidate."
     )
 
+    # --- operations (deployments, housekeeping, scale-out) ----------------------------------
+    refresh_source: Path = Field(
+        Path("examples/docs"), description="Folder the scheduled refresh ingests (resolved when deploying)."
+    )
+    refresh_hour: int = Field(
+        2, ge=0, le=23, description="Hour of the nightly refresh (cron, local to the timezone)."
+    )
+    refresh_timezone: str = Field(
+        "UTC", description="IANA timezone of the nightly schedule, e.g. Europe/Berlin."
+    )
+    gc_rejected_after_days: float = Field(
+        14.0, ge=0, description="`moral gc` deletes files of rejected versions older than this."
+    )
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="Prefect task runner for QA generation and embedding fan-out."
+    )
+    task_runner_workers: int = Field(4, ge=1, description="Threads (or local Dask workers) for the fan-out.")
+    dask_address: str | None = Field(
+        None,
+        description="Dask scheduler address (tcp://host:8786); unset with 'dask' starts a local cluster.",
+    )
+
+    @field_validator("refresh_timezone", mode="after")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        # A typo here would otherwise surface only when the Prefect server rejects the schedule.
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Berlin)") from exc
+        return value
+
     @field_validator("home", "model_cache", mode="after")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

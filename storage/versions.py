@@ -16,6 +16,7 @@ A refresh can only *decide* a candidate, so it can never bring back a revoked ve
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, Literal
 
 from storage.db import Con, Database, dumps, event, fetch, utcnow
@@ -195,9 +196,19 @@ class VersionsMixin(Database):
                 )
             return _get(con, current.version)
 
-    def promote(self, version: int | str, actor: str | None, reason: str, force: bool = False) -> Version:
+    def promote(
+        self,
+        version: int | str,
+        actor: str | None,
+        reason: str,
+        force: bool = False,
+        run_id: str | None = None,
+    ) -> Version:
         """An operator's promotion: a candidate, an earlier promoted version, or (``force``) a
-        rejected or revoked one becomes champion."""
+        rejected or revoked one becomes champion.  ``reason`` is required (it is the audit trail);
+        ``run_id`` is the flow run that did it, when one did.  The caller verifies the files first."""
+        if not reason or not reason.strip():
+            raise RegistryError("a promotion needs a reason (it is written to the audit log)")
         with self.transaction() as con:
             current = _get(con, version)
             if current.is_champion:
@@ -214,60 +225,73 @@ class VersionsMixin(Database):
                 con,
                 "version.promoted",
                 current.version,
-                None,
+                run_id,
                 actor,
                 {"manual": True, "force": force, "from_status": current.status, "reason": reason},
             )
-            _move_alias(con, CHAMPION, current.version, actor, reason)
+            _move_alias(con, CHAMPION, current.version, actor, reason, run_id)
             return _get(con, current.version)
 
+    def rollback_target(self, to: int | str | None = None) -> tuple[Version, Version]:
+        """(current champion, the version a rollback would move to), changing nothing: the caller
+        verifies the target's files with this before calling :meth:`rollback`."""
+        with self.transaction() as con:
+            return _rollback_target(con, to)
+
     def rollback(
-        self, to: int | str | None = None, actor: str | None = None, reason: str = "rollback"
+        self,
+        to: int | str | None = None,
+        actor: str | None = None,
+        reason: str = "rollback",
+        run_id: str | None = None,
+        expect_from: int | None = None,
     ) -> Rollback:
         """Move the champion back (to the previous promoted version by default) and revoke the one
-        rolled back from.  The caller verifies the target's files first."""
+        rolled back from.  The caller verifies the target's files first (see :meth:`rollback_target`);
+        ``expect_from`` makes the rollback refuse if the champion moved since that check."""
         with self.transaction() as con:
-            alias = con.execute("SELECT version FROM aliases WHERE alias = ?", [CHAMPION]).fetchone()
-            if alias is None:
-                raise RegistryError("there is no champion, so nothing to roll back")
-            current = _get(con, alias[0])
-            if to is not None:
-                target = _get(con, to)
-                if target.version == current.version:
-                    raise RegistryError(f"{target.name} is already the champion")
-                if target.status != "promoted":
-                    hint = "promote --force" if target.status in ("revoked", "rejected") else "promote"
-                    raise RegistryError(
-                        f"cannot roll back to {target.name}: it is {target.status} (use {hint})"
-                    )
-            else:
-                previous = _previous_champion(con, current.version)
-                if previous is None:
-                    raise RegistryError(
-                        f"no earlier promoted version to roll back to from {current.name}; "
-                        "name a version with `to` or promote one"
-                    )
-                target = _get(con, previous)
+            current, target = _rollback_target(con, to)
+            if expect_from is not None and current.version != expect_from:
+                raise RegistryError(
+                    f"the champion moved to {current.name} while the rollback was being checked; nothing changed"
+                )
             reasons = [*current.decision_reasons, f"rolled back by {actor or 'unknown'}: {reason}"]
             _update(con, current.version, status="revoked", decision_reasons=dumps(reasons))
             event(
                 con,
                 "version.revoked",
                 current.version,
-                None,
+                run_id,
                 actor,
                 {"reason": reason, "rollback_to": target.version},
             )
-            _move_alias(con, CHAMPION, target.version, actor, reason)
+            _move_alias(con, CHAMPION, target.version, actor, reason, run_id)
             event(
                 con,
                 "rollback",
                 target.version,
-                None,
+                run_id,
                 actor,
                 {"from": current.version, "to": target.version, "reason": reason},
             )
             return Rollback(current.version, target.version)
+
+    def gc_candidates(self, older_than: datetime) -> list[Version]:
+        """Rejected versions last changed before ``older_than`` (naive UTC) whose files may go.
+
+        Never a promoted, revoked or candidate version, and never files that another, non-rejected
+        version points at too (a rerun can register the same content-keyed directory again).
+        """
+        with self.transaction() as con:
+            return fetch(
+                con,
+                Version,
+                f"{_SELECT} WHERE v.status = 'rejected' AND v.updated_at < ? AND v.artifact_uri IS NOT NULL "
+                "AND v.artifact_uri NOT IN (SELECT artifact_uri FROM adapter_versions "
+                "WHERE status <> 'rejected' AND artifact_uri IS NOT NULL) "
+                "AND a.alias IS NULL ORDER BY v.version",
+                [older_than],
+            )
 
     def revoke_version(self, version: int | str, actor: str | None, reason: str) -> Version:
         """Revoke a version that is not the champion (roll back first to revoke the champion)."""
@@ -322,6 +346,28 @@ def _move_alias(
         actor,
         {"alias": alias, "from": old[0] if old else None, "to": version, "reason": reason},
     )
+
+
+def _rollback_target(con: Con, to: int | str | None) -> tuple[Version, Version]:
+    alias = con.execute("SELECT version FROM aliases WHERE alias = ?", [CHAMPION]).fetchone()
+    if alias is None:
+        raise RegistryError("there is no champion, so nothing to roll back")
+    current = _get(con, alias[0])
+    if to is not None:
+        target = _get(con, to)
+        if target.version == current.version:
+            raise RegistryError(f"{target.name} is already the champion")
+        if target.status != "promoted":
+            hint = "promote --force" if target.status in ("revoked", "rejected") else "promote"
+            raise RegistryError(f"cannot roll back to {target.name}: it is {target.status} (use {hint})")
+        return current, target
+    previous = _previous_champion(con, current.version)
+    if previous is None:
+        raise RegistryError(
+            f"no earlier promoted version to roll back to from {current.name}; "
+            "name a version with `to` or promote one"
+        )
+    return current, _get(con, previous)
 
 
 def _previous_champion(con: Con, current: int) -> int | None:
