@@ -50,6 +50,15 @@ class RefreshParams(BaseModel):
     approval_timeout_s: int | None = Field(
         None, ge=1, description="Seconds a paused run waits for approval before leaving a candidate."
     )
+    replay_budget: int | None = Field(
+        None, ge=0, description="Earlier train pairs replayed with the delta (0 disables replay)."
+    )
+    bank_init: bool | None = Field(
+        None, description="Initialise experts from the adapter bank (default: MORAL_BANK_INIT, on)."
+    )
+    loramoe: bool | None = Field(
+        None, description="LoRAMoE mode: localized balancing over new vs retained expert groups."
+    )
     max_llm_calls: int | None = Field(None, ge=0, description="Per-run cap on LLM calls for QA generation.")
     max_llm_tokens: int | None = Field(None, ge=0, description="Per-run cap on LLM tokens for QA generation.")
 
@@ -58,6 +67,7 @@ class RefreshParams(BaseModel):
         keys = {
             "qa_backend", "epochs", "learning_rate", "num_experts", "top_k", "holdout_size", "gate_min_gain",
             "gate_max_nll_rise", "gate_max_ra_drop", "gate_max_retention_drop", "max_llm_calls", "max_llm_tokens",
+            "replay_budget", "bank_init", "loramoe",
             "gate_min_n_for_ci", "fivel_size", "require_approval", "approval_timeout_s",
         }  # fmt: skip
         return {k: v for k, v in self.model_dump().items() if k in keys and v is not None}

@@ -111,9 +111,22 @@ CREATE TABLE version_pairs (
 CREATE INDEX version_pairs_qa ON version_pairs (qa_id)
 """
 
+# The adapter bank's external entries: peft LoRA adapters a user registered for the same base model.
+# Promoted versions are bank entries too, derived from adapter_versions (never copied here).
+_BANK_ENTRIES = """
+CREATE SEQUENCE bank_entries_seq;
+CREATE TABLE bank_entries (
+    id BIGINT PRIMARY KEY DEFAULT nextval('bank_entries_seq'), name TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL CHECK (source IN ('external')), path TEXT NOT NULL,
+    base_model_sha256 TEXT NOT NULL, targets JSON NOT NULL, rank INTEGER NOT NULL,
+    weights_sha256 TEXT NOT NULL, created_at TIMESTAMP NOT NULL
+)
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "version lineage: pairs trained on", _VERSION_PAIRS),
+    Migration(6, "adapter bank: registered external LoRA adapters", _BANK_ENTRIES),
 )
 
 

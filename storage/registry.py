@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from storage.bank import BankMixin
 from storage.corpus import CorpusMixin
 from storage.db import bulk_insert, dumps, event, filters, unique, utcnow, where
 from storage.migrations import migrate
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 
-class Registry(CorpusMixin, VersionsMixin):
+class Registry(CorpusMixin, VersionsMixin, BankMixin):
     """The project's registry in one DuckDB file.  Cheap to construct; holds no open connection."""
 
     def __init__(self, path: Path | str, lock_timeout_s: float = 60.0) -> None:

@@ -101,6 +101,24 @@ class Settings(BaseSettings):
     batch_size: int = Field(8, ge=1, description="Training batch size (sequences).")
     warm_start: bool = Field(False, description="Initialise a new version from the champion's weights.")
     replay_budget: int = Field(200, ge=0, description="Earlier train pairs replayed with each new delta.")
+    replay_min_distance: float = Field(
+        0.1, ge=0, lt=2, description="Replay drops a pair within this cosine distance of one already kept."
+    )
+    bank_init: bool = Field(
+        True,
+        description="Initialise experts from the adapter bank (promoted versions' experts and registered "
+        "LoRAs) when it is non-empty; a warm start from the champion takes precedence.",
+    )
+    bank_experts: int = Field(4, ge=1, description="Experts N initialised from the bank (<= num_experts).")
+    bank_k: int = Field(8, ge=1, description="Delta dev examples each bank candidate is scored on.")
+    bank_pool: int = Field(
+        8, ge=1, description="Top-scoring bank candidates among which the most diverse group is chosen."
+    )
+    loramoe: bool = Field(
+        False,
+        description="LoRAMoE mode: localized balancing over two expert groups, delta pairs typed as new "
+        "knowledge (group 0) and replay pairs as retained knowledge (group 1).",
+    )
     seed: int = Field(0, description="Seed for training, splits and sampling.")
 
     # --- evaluation and the gate ------------------------------------------------------------

@@ -281,6 +281,8 @@ class TrainSummary:
     delta_pairs: int = 0
     replay_pairs: int = 0
     metrics: dict = field(default_factory=dict)
+    replay: dict = field(default_factory=dict)  # how the replay sample was chosen (tasks.replay)
+    bank: dict = field(default_factory=dict)  # bank initialisation: used, chosen, why, artifact
 
 
 def base_model_identity(settings: Settings) -> tuple[Path, dict]:
@@ -308,6 +310,8 @@ def train_stage(
     settings: Settings, run_id: str, progress: Progress | None = None, kind: str = "moral"
 ) -> TrainSummary:
     """Train a candidate on the train pairs no version has been trained on (plus replay), and register it."""
+    from tasks.bank import bank_for_delta, record_selection
+    from tasks.replay import replay_for_delta
     from tasks.train import TrainPair, train_candidate
 
     reg = Registry.from_settings(settings)
@@ -322,10 +326,18 @@ def train_stage(
     delta = [p for p in active_train if p.qa_id not in trained]
     if not delta:
         return TrainSummary(reason="no new training pairs since the last version: nothing to train")
-    replay = [p for p in active_train if p.qa_id in trained][: settings.replay_budget]
+    # Replay: earlier train pairs nearest the delta, near-duplicates dropped (tasks.replay).
+    replay, replay_choice = replay_for_delta(settings, delta, [p for p in active_train if p.qa_id in trained])
 
     base_path, identity = base_model_identity(settings)
     champion, _why = usable_champion(reg, identity["sha256"])
+    warm = settings.warm_start and champion is not None and bool(champion.artifact_uri)
+    selection, bank_reason = bank_for_delta(settings, reg, delta, base_path, identity["sha256"], warm, kind)
+    if selection is not None:
+        _say(
+            progress,
+            f"train: experts 0-{len(selection.chosen) - 1} from the bank: {', '.join(selection.chosen)}",
+        )
     pairs = [TrainPair(p.qa_id, p.question, p.answer, 0) for p in delta]
     pairs += [TrainPair(p.qa_id, p.question, p.answer, 1) for p in replay]
     _say(progress, f"train: {kind} adapter on {len(delta)} new and {len(replay)} replayed pairs")
@@ -340,7 +352,14 @@ def train_stage(
 
     parent_dir = Path(champion.artifact_uri) if champion is not None and champion.artifact_uri else None
     outcome = train_candidate(
-        settings, base_path, identity["sha256"], pairs, parent_dir=parent_dir, kind=kind, progress=on_step
+        settings,
+        base_path,
+        identity["sha256"],
+        pairs,
+        parent_dir=parent_dir,
+        kind=kind,
+        progress=on_step,
+        bank_init=selection,
     )
     roles = {p.qa_id: "delta" for p in delta} | {p.qa_id: "replay" for p in replay}
     version = reg.create_version(
@@ -357,6 +376,10 @@ def train_stage(
         trained_pairs=roles,
     )
     save_training_log(settings, version, outcome.metrics)
+    bank = {"used": selection is not None, "reason": bank_reason}
+    if kind == "moral":
+        bank["artifact"] = str(record_selection(settings, reg, version, selection, bank_reason, run_id))
+        bank["chosen"] = selection.chosen if selection is not None else []
     _say(progress, f"train: registered candidate v{version} ({outcome.metrics.get('seconds')} s)")
     return TrainSummary(
         version=version,
@@ -364,6 +387,8 @@ def train_stage(
         delta_pairs=len(delta),
         replay_pairs=len(replay),
         metrics={k: v for k, v in outcome.metrics.items() if k not in ("losses", "aux_losses")},
+        replay=replay_choice.summary(),
+        bank=bank,
     )
 
 

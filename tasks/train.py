@@ -14,9 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from storage.artifacts import AdapterStore, ArtifactError
 from storage.settings import Settings
+
+if TYPE_CHECKING:
+    from tasks.bank import BankSelection
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,22 @@ def train_params(settings: Settings, kind: str = "moral") -> dict:
     }
     if kind == "moral":
         params.update(num_experts=settings.num_experts, top_k=settings.top_k)
+        if settings.loramoe:  # recorded only when on, so earlier artifact keys stay valid
+            params["loramoe"] = True
     return params
+
+
+def loramoe_options(settings: Settings) -> dict[str, Any]:
+    """MoRALConfig fields of LoRAMoE mode: the localized balancing constraint over two contiguous
+    expert groups, group 0 for new knowledge (delta pairs, ``TrainPair.group`` 0) and group 1 for
+    retained knowledge (replay pairs, group 1).  Empty when the mode is off (switch balancing)."""
+    if not settings.loramoe:
+        return {}
+    if settings.num_experts < 2:
+        raise ValueError(
+            "LoRAMoE mode needs at least 2 experts (one group each for new and retained knowledge)"
+        )
+    return {"balance_loss": "localized", "expert_groups": 2}
 
 
 def artifact_key(dhash: str, params: dict, base_sha256: str, parent_key: str | None) -> str:
@@ -78,13 +97,24 @@ def train_candidate(
     parent_dir: Path | None = None,
     kind: str = "moral",
     progress: Callable[[dict], None] | None = None,
+    bank_init: BankSelection | None = None,
 ) -> TrainOutcome:
-    """Train (or find already trained) the candidate adapter; returns where it lies and its checksum."""
+    """Train (or find already trained) the candidate adapter; returns where it lies and its checksum.
+
+    ``bank_init`` (a fresh MoRAL adapter only): experts 0..N-1 start from the chosen bank LoRAs, the
+    rest fresh.  A warm start from ``parent_dir`` takes precedence and the train stage then passes
+    no bank selection (the champion's experts already are the bank's most recent entries).
+    """
     if not pairs:
         raise ValueError("no training pairs: nothing to train")
+    warm = parent_dir is not None and settings.warm_start
+    if bank_init is not None and (kind != "moral" or warm):
+        raise ValueError("bank initialisation applies to a fresh MoRAL adapter, not to LoRA or a warm start")
     params = train_params(settings, kind)
+    if bank_init is not None:
+        params["bank_init"] = bank_init.key()  # expert -> bank entry; a different choice, other weights
     dhash = data_hash(pairs)
-    parent_key = parent_dir.name if (parent_dir is not None and settings.warm_start) else None
+    parent_key = parent_dir.name if warm else None
     key = artifact_key(dhash, params, base_sha256, parent_key)
     store = AdapterStore(settings.adapters_dir)
     if store.exists(key):
@@ -105,9 +135,11 @@ def train_candidate(
 
     base, tokenizer = load_base_model(base_path)
     if kind == "moral":
-        if parent_dir is not None and settings.warm_start:
+        if warm:
             # Warm start: the champion's experts and routers, trainable; the base stays frozen.
             model = MoRALModel.from_pretrained(base, parent_dir, is_trainable=True)
+            if settings.loramoe:  # the parent's saved balance loss gives way to this run's mode
+                model.moral_config.balance_loss = "localized"
         else:
             cfg = MoRALConfig(
                 num_experts=settings.num_experts,
@@ -116,8 +148,14 @@ def train_candidate(
                 alpha=settings.alpha,
                 base_model_name_or_path=str(base_path),
                 base_model_sha256=base_sha256,
+                **loramoe_options(settings),
             )
             model = MoRALModel(base, cfg)
+            if bank_init is not None:
+                from moe.bank import load_expert
+
+                for expert, lora in enumerate(bank_init.loras):
+                    load_expert(model, expert, lora)
     else:
         model = make_lora_model(base, rank=settings.rank, alpha=settings.alpha)
 
