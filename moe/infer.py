@@ -10,7 +10,7 @@ padding for scoring; the tokenizer's `padding_side` is never read or changed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -274,3 +274,76 @@ def text_perplexity(
         # Every token after the first is a target; the first (often BOS) has no prediction.
         encoded.append((ids[:1], ids[1:], len(ids) - 1))
     return [float(torch.tensor(v).exp()) for v in _sequence_nll(model, tokenizer, encoded, batch_size)]
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    on_token: Callable[[int], bool] | None = None,
+) -> tuple[list[int], str]:
+    """Generate for ONE already-templated prompt, token by token; the hook a server streams from.
+
+    Returns (new token ids without the end-of-turn token, finish reason): 'stop' when the model ended its
+    turn or ``on_token`` asked to stop (it returns False, e.g. a stop string or a closed connection),
+    'length' when ``max_new_tokens`` ran out. ``temperature`` 0 is greedy, exactly as `generate_answers`;
+    above 0 it samples (nucleus ``top_p``) from the global torch RNG, so callers seed it for repeatability.
+    """
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    stops = set(end_of_turn_ids(tokenizer))
+    new: list[int] = []
+    state = {"prompt_seen": False, "ended": False, "halt": False}
+
+    class _Collect(BaseStreamer):
+        # generate() first puts the prompt [1, T], then each new token [1]; the prompt is skipped.
+        def put(self, value: torch.Tensor) -> None:
+            if not state["prompt_seen"]:
+                state["prompt_seen"] = True
+                return
+            for tok in value.reshape(-1).tolist():
+                if state["ended"] or state["halt"]:
+                    continue
+                if tok in stops:
+                    state["ended"] = True
+                    continue
+                new.append(tok)
+                if on_token is not None and on_token(tok) is False:
+                    state["halt"] = True
+
+        def end(self) -> None:
+            pass
+
+    class _Halt(StoppingCriteria):
+        # Checked after every step, right after the streamer saw that step's token.
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), state["halt"], dtype=torch.bool, device=input_ids.device)
+
+    was_training = model.training
+    model.eval()
+    sampling = temperature > 0
+    gen_cfg = GenerationConfig(
+        do_sample=sampling,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(stops) or None,
+        pad_token_id=_pad_id(tokenizer),
+        use_cache=True,
+        **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sampling else {}),
+    )
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model_device(model))  # [1, T]
+    model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=gen_cfg,
+        streamer=_Collect(),
+        stopping_criteria=StoppingCriteriaList([_Halt()]),
+    )
+    model.train(was_training)
+    return new, "stop" if state["ended"] or state["halt"] else "length"

@@ -187,6 +187,25 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Berlin)") from exc
         return value
 
+    # --- serving (`moral serve`) --------------------------------------------------------------
+    serve_host: str = Field("127.0.0.1", description="Address `moral serve` binds to (loopback by default).")
+    serve_port: int = Field(8000, ge=1, le=65535, description="Port `moral serve` listens on.")
+    serve_api_key: SecretStr | None = Field(
+        None, description="When set, every /v1 request needs 'Authorization: Bearer <key>'."
+    )
+    serve_poll_s: float = Field(
+        1.0, ge=0, description="At most one registry look-up for the champion per this many seconds."
+    )
+    serve_registry_timeout_s: float = Field(
+        0.5, gt=0, description="How long a champion look-up waits for a busy registry (then: last answer)."
+    )
+    serve_max_tokens: int = Field(256, ge=1, description="Completion tokens when a request sets none.")
+    serve_max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    serve_retrieval_k: int = Field(3, ge=1, le=50, description="Passages retrieved for an open-book request.")
+    serve_cached_adapters: int = Field(
+        4, ge=1, description="Adapter versions kept loaded at once (the base weights are shared by all)."
+    )
+
     @field_validator("home", "model_cache", mode="after")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
