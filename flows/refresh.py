@@ -92,8 +92,15 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
         summary["evaluation"] = {"sizes": ev.sizes, "means": ev.means}
         if params.until == "evaluate":
             return _finish(reg, summary, started, stopped="evaluate")
+        if settings.require_approval:
+            waiting = await_approval(settings, reg, run_id, tr.version)
+            if waiting is not None:
+                summary.update(decision="awaiting approval", reasons=waiting)
+                summary["artifacts"] = _publish(settings, tr.version)
+                return _finish(reg, summary, started)
         pr = t.promote(settings, run_id, tr.version)
         summary.update(decision=pr.decision, reasons=pr.reasons)
+        summary["artifacts"] = _publish(settings, tr.version)
         if pr.decision == "promoted":
             payload = {"operation": "promote", "version": f"v{tr.version}", "actor": "gate", "run_id": run_id}
             summary["event_emitted"] = emit_adapter_event("promoted", f"v{tr.version}", settings, payload)
@@ -102,6 +109,64 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         reg.finish_run(run_id, "failed", summary)
         raise
+
+
+def _publish(settings: Settings, version: int) -> dict:
+    """The run's markdown report and the registry table as Prefect artifacts, plus the version's
+    plots; a reporting failure is logged and never fails a refresh whose decision is recorded."""
+    from flows.report import publish_artifacts
+
+    try:
+        return publish_artifacts(settings, version)
+    except Exception as exc:  # noqa: BLE001 - reports are best effort once the registry is written
+        import logging
+
+        logging.getLogger("moral.refresh").warning("report artifacts not created: %s", exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _resumable() -> bool:
+    """Whether this run lives on a Prefect server a person can resume it from.  A plain local run
+    uses a temporary server that vanishes with the process, so nobody could ever press Resume."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value()) and _flow_run_id() is not None
+
+
+def await_approval(settings: Settings, reg: Registry, run_id: str, version: int) -> list[str] | None:
+    """``require_approval``: pause before promotion until someone resumes the run in the Prefect UI.
+
+    Returns None when promotion may go ahead (resumed, or the gate rejects anyway: nothing to
+    approve).  Otherwise the version stays a *candidate* with the reasons "awaiting approval ..."
+    (no server to resume from, or the timeout passed); `moral promote VERSION --force` or a later
+    run without ``require_approval`` decides it.
+    """
+    from flows.report import publish_artifacts
+    from tasks.stages import gate_decision
+
+    _saved, decision, reasons = gate_decision(settings, version)
+    if not decision.promote:
+        return None
+    if not _resumable():
+        why = (
+            "awaiting approval: this run is not attached to a Prefect server that can resume it "
+            f"(set PREFECT_API_URL); approve with `moral promote v{version} --force --reason ...`"
+        )
+    else:
+        from prefect.exceptions import FlowPauseTimeout
+        from prefect.flow_runs import pause_flow_run
+
+        reg.hold_for_approval(version, ["awaiting approval in the Prefect UI", *reasons], run_id=run_id)
+        publish_artifacts(settings, version)  # the reviewer sees the numbers before resuming
+        timeout = settings.approval_timeout_s
+        try:
+            pause_flow_run(timeout=timeout, poll_interval=max(1, min(10, timeout // 2)))
+            return None
+        except FlowPauseTimeout:
+            why = f"awaiting approval: nobody resumed the run within {timeout} s"
+    reasons = [why, *[f"gate: {r}" for r in reasons]]
+    reg.hold_for_approval(version, reasons, run_id=run_id)
+    return reasons
 
 
 def _ingest_fields(ing) -> dict:

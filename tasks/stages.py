@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from storage.corpus import DocumentIn
 from storage.records import Chunk as ChunkRecord
 from storage.records import Evaluation
 from storage.records import QAPair as QARecord
@@ -65,6 +66,9 @@ def ingest_stage(
     status_of = {d.doc_id: d for d in docs}
     delta = plan_delta(scan.files, known, active_paths)
 
+    if settings.qa_backend == "openai" and delta.to_process:
+        _preload_module("openai")  # ~1 s of imports the QA stage needs, overlapped with parsing
+    _resolve_stale_quarantine(reg, source, scan, run_id)
     for q in scan.rejected:
         reg.quarantine(q.path, q.sha256, q.reason, run_id)
         out.documents_quarantined.append({"path": str(q.path), "reason": q.reason})
@@ -76,6 +80,13 @@ def ingest_stage(
         else:
             out.documents_unchanged += 1
     for r in delta.renamed:
+        doc = status_of.get(r.file.sha256)
+        if doc is not None and doc.status == "quarantined":
+            # Known bad bytes under a new name are still bad: quarantined at the new path, not revived.
+            reason = doc.reason or "quarantined"
+            reg.quarantine(r.file.path, r.file.sha256, reason, run_id)
+            out.documents_quarantined.append({"path": str(r.file.path), "reason": reason})
+            continue
         reg.upsert_document(
             r.file.sha256,
             str(r.file.path),
@@ -93,20 +104,27 @@ def ingest_stage(
         out.documents_retired.append(d.path)
 
     chunks: list[ChunkRecord] = []
+    accepted: list[DocumentIn] = []
     for f in delta.to_process:
         try:
             parsed = parse_document(f, settings.max_pdf_pages)
         except ParseError as exc:
-            reg.quarantine(f.path, f.sha256, exc.reason, run_id)
-            out.documents_quarantined.append({"path": str(f.path), "reason": exc.reason})
+            reason = exc.reason
+        except Exception as exc:  # a parser bug on one odd file must not stop the run
+            log.exception("parsing %s failed", f.path)
+            reason = f"parse failed: {type(exc).__name__}: {exc}"
+        else:
+            accepted.append(DocumentIn(f.sha256, str(f.path), str(source), f.kind, f.size))
+            out.documents_new.append(str(f.path))
+            for c in chunk_pages(f.sha256, parsed.pages, settings.chunk_tokens, settings.chunk_overlap):
+                chunks.append(
+                    ChunkRecord(c.chunk_id, c.doc_id, c.idx, c.text, c.page, c.n_tokens, run_id=run_id)
+                )
             continue
-        reg.upsert_document(
-            f.sha256, str(f.path), source_root=str(source), kind=f.kind, size=f.size, run_id=run_id
-        )
-        out.documents_new.append(str(f.path))
-        for c in chunk_pages(f.sha256, parsed.pages, settings.chunk_tokens, settings.chunk_overlap):
-            chunks.append(ChunkRecord(c.chunk_id, c.doc_id, c.idx, c.text, c.page, c.n_tokens, run_id=run_id))
-    out.chunks_added = reg.add_chunks(chunks, run_id=run_id) if chunks else 0
+        reg.quarantine(f.path, f.sha256, reason, run_id)
+        out.documents_quarantined.append({"path": str(f.path), "reason": reason})
+    if accepted:  # documents and their chunks in one transaction: never a document without chunks
+        _, out.chunks_added = reg.add_documents(accepted, chunks, run_id=run_id)
     _say(
         progress,
         f"ingest: {len(out.documents_new)} new, {out.documents_unchanged} unchanged, "
@@ -114,6 +132,34 @@ def ingest_stage(
         f"{out.chunks_added} chunks",
     )
     return out
+
+
+def _resolve_stale_quarantine(reg: Registry, source: Path, scan, run_id: str) -> None:
+    """Close the open quarantine entries under ``source`` whose file is gone or has other bytes now
+    (fixed, or bad in a new way: that gets its own entry), so ``moral quarantine list`` shows what is
+    still wrong. Entries for the same bytes at the same path stay open."""
+    current = {str(f.path): f.sha256 for f in scan.files}
+    rejected = {str(q.path) for q in scan.rejected}
+    prefix = str(source).rstrip("/") + "/"
+    stale = [
+        e.id
+        for e in reg.quarantined()
+        if e.path.startswith(prefix)
+        and e.path not in rejected
+        and (e.path not in current or e.sha256 != current[e.path])
+    ]
+    if stale:
+        reg.resolve_quarantine(stale, "file fixed or removed from the source", run_id=run_id)
+
+
+def _preload_module(name: str) -> None:
+    """Import a module in a daemon thread so that a later stage finds it loaded."""
+    import importlib
+    import threading
+
+    threading.Thread(
+        target=importlib.import_module, args=(name,), name=f"preload-{name}", daemon=True
+    ).start()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,8 +216,12 @@ def qa_stage(settings: Settings, run_id: str, progress: Progress | None = None, 
     out.generator = getattr(gen, "name", type(gen).__name__)
     _say(progress, f"qa: generating question/answer pairs for {len(chunks)} chunks with {out.generator}")
 
+    step = max(1, len(chunks) // 20)
+
     def report(done: int, total: int) -> None:
-        _say(progress, f"qa: {done}/{total} chunks")
+        # About 20 lines per run: in a flow every line is a log record sent to the Prefect API.
+        if done == total or done % step == 0:
+            _say(progress, f"qa: {done}/{total} chunks")
 
     result = generate_for_chunks(
         chunks,
@@ -596,13 +646,11 @@ class PromoteSummary:
     reasons: list[str]
 
 
-def promote_stage(
-    settings: Settings, run_id: str, version: int, progress: Progress | None = None
-) -> PromoteSummary:
-    """Apply the gate to the stored scores; record the decision and move the champion alias if promoted."""
+def gate_decision(settings: Settings, version: int):
+    """The gate's decision on a version's saved scores (pure: nothing is recorded) and its reasons,
+    with the note on an unusable champion first; also used to preview a decision awaiting approval."""
     from tasks.gate import GateThresholds, decide
 
-    reg = Registry.from_settings(settings)
     path = scores_path(settings, version)
     if not path.exists():
         raise FileNotFoundError(f"v{version} has no saved evaluation ({path}): run the evaluate stage first")
@@ -611,6 +659,15 @@ def promote_stage(
         saved["scores"], GateThresholds.from_settings(settings), has_champion=saved["has_champion"]
     )
     reasons = ([saved["champion_note"]] if saved.get("champion_note") else []) + decision.reasons
+    return saved, decision, reasons
+
+
+def promote_stage(
+    settings: Settings, run_id: str, version: int, progress: Progress | None = None
+) -> PromoteSummary:
+    """Apply the gate to the stored scores; record the decision and move the champion alias if promoted."""
+    reg = Registry.from_settings(settings)
+    saved, decision, reasons = gate_decision(settings, version)
     reg.set_version_metrics(
         version, {"evaluation": saved["means"], "sizes": saved["sizes"], "gate": decision.to_dict()}
     )
