@@ -306,7 +306,10 @@ def select_from_bank(
     max_rank = max(a.shape[0] for lora in loras for a, _, _ in lora.values())
     # A one-expert probe: top-1 of one expert has gate 1, so the probe computes base + the LoRA exactly.
     probe = MoRALModel(
-        base, MoRALConfig(num_experts=1, top_k=1, rank=max_rank, alpha=float(max_rank), dropout=0.0)
+        base,
+        MoRALConfig(
+            num_experts=1, top_k=1, rank=max_rank, alpha=float(max_rank), dropout=0.0, expert_groups=1
+        ),
     ).eval()
     questions, answers = [p.question for p in examples], [p.answer for p in examples]
     with probe.disable_adapter():
