@@ -85,6 +85,16 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout test)
 
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        """`GET /stats`: call counters, for a client that runs this server in another process."""
+        state: ServerState = self.server.state  # type: ignore[attr-defined]
+        if self.path.rstrip("/") != "/stats":
+            self._send(404, b'{"error": {"message": "not found"}}')
+            return
+        with state.lock:
+            stats = {"calls": state.calls, "max_in_flight": state.max_in_flight}
+        self._send(200, json.dumps(stats).encode())
+
     def do_POST(self) -> None:  # noqa: N802 (http.server naming)
         state: ServerState = self.server.state  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length", 0))
@@ -198,3 +208,24 @@ class LLMServer:
     @property
     def calls(self) -> int:
         return self.state.calls
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve in this process until killed; prints the base URL as the first line of stdout.
+
+    Benchmarks run the server in its own process, as a real endpoint would be: in the client's process
+    its request handling would compete with the client for the GIL and skew the client's timings.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="loopback OpenAI-compatible test server")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
+    args = parser.parse_args(argv)
+    server = LLMServer()
+    server.state.latency = args.latency
+    print(server.base_url, flush=True)
+    server._httpd.serve_forever(0.05)
+
+
+if __name__ == "__main__":
+    main()
