@@ -26,6 +26,7 @@ from storage.registry import Registry, RegistryError, RegistryLockedError, Versi
 from storage.settings import Settings, get_settings
 
 BASE = "base"  # the name under which the bare base model answers (no adapter)
+REFUSAL_TTL_S = 60.0
 
 
 class VersionNotFound(LookupError):
@@ -63,7 +64,9 @@ class ModelPool:
         self.max_adapters = max_adapters or settings.serve_cached_adapters
         # (version, artifact sha256) -> adapted model; most recently used last.
         self._loaded: OrderedDict[tuple[int, str], Any] = OrderedDict()
-        self._refused: dict[tuple[int, str | None], str] = {}  # failures are not retried every request
+        # Refusals are remembered for a minute, so a broken version is not re-hashed on every request
+        # while files restored from a backup are still picked up without a restart.
+        self._refused: dict[tuple[int, str | None], tuple[str, float]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -99,16 +102,17 @@ class ModelPool:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return Answerer(v.name, self._loaded[key], self.tokenizer, v.version)
-            if (v.version, v.artifact_sha256) in self._refused:
-                raise VersionNotLoadable(self._refused[(v.version, v.artifact_sha256)])
+            refused = self._refused.get((v.version, v.artifact_sha256))
+            if refused is not None and time.monotonic() - refused[1] < REFUSAL_TTL_S:
+                raise VersionNotLoadable(refused[0])
             try:
                 model = self._attach(self.check(v))
             except VersionNotLoadable as exc:
-                self._refused[(v.version, v.artifact_sha256)] = str(exc)
+                self._refused[(v.version, v.artifact_sha256)] = (str(exc), time.monotonic())
                 raise
             except (OSError, ValueError, RuntimeError) as exc:  # unreadable config/weights, shape mismatch
                 reason = f"{v.name} cannot be loaded: {exc}"
-                self._refused[(v.version, v.artifact_sha256)] = reason
+                self._refused[(v.version, v.artifact_sha256)] = (reason, time.monotonic())
                 raise VersionNotLoadable(reason) from exc
             self._loaded[key] = model
             while len(self._loaded) > self.max_adapters:
@@ -228,14 +232,16 @@ class Engine:
         return record
 
     def promoted_versions(self) -> list[Version]:
-        """Promoted versions for /v1/models ([] while the registry is busy or absent)."""
+        """Promoted versions of this base model, for /v1/models ([] while the registry is busy or absent)."""
         reg = self.watcher.registry()
         if reg is None:
             return []
         try:
-            return reg.list_versions(status="promoted")
+            versions = reg.list_versions(status="promoted")
         except RegistryError:
             return []
+        sha = self.pool.base_sha256
+        return [v for v in versions if not v.base_model_sha256 or v.base_model_sha256 == sha]
 
     def retrieve(self, question: str, k: int) -> tuple[str, list[dict]]:
         """(context, sources): the top-k active chunks for ``question`` from the Chroma index."""

@@ -198,6 +198,7 @@ def test_pins_unknown_models_and_unloadable_versions(tiny_settings, registry, st
     health = httpx.get(f"{url}/health").json()
     assert health["champion"] == f"v{foreign}" and "another base model" in health["champion_error"]
     assert f"v{foreign}" not in health["loaded"]
+    assert f"{MODEL_ID}@v{foreign}" not in {m.id for m in client.models.list()}  # promoted, but not ours
 
     # Files that no longer match the registry's checksum are refused, not loaded.
     v4 = save_version(tiny_settings, registry, seed=4, promote=False)
