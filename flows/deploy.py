@@ -10,8 +10,9 @@ Three deployments, all on the ``prefect.serve`` runner of this process:
 Each has ``concurrency_limit=1``.  Limits are per deployment, so a nightly and a manual refresh
 could still start together; the refresh lock in the data home (:mod:`storage.lock`) is what makes
 the second one refuse.  The data home and the source folder are resolved to absolute paths here, at
-deploy time, and travel with every run (environment of the served runs, ``job_variables`` for
-work-pool users), so a run never depends on the working directory it happens to start in.
+deploy time and travel with every run as parameter defaults (and in the environment of the served
+runs), so a run never depends on the working directory it happens to start in.  Work-pool users
+get the same through ``prefect.yaml``'s ``job_variables``.
 """
 
 from __future__ import annotations
@@ -45,14 +46,12 @@ def build_deployments(settings: Settings | None = None) -> list[Any]:
     from flows.rollback import rollback_adapter_flow
 
     settings = settings or get_settings()
-    env = deployment_env(settings)
     source = str(settings.refresh_source.expanduser().resolve())
-    refresh_defaults = {"params": RefreshParams(source=source).model_dump(mode="json", exclude_none=True)}
-    common: dict[str, Any] = {
-        "concurrency_limit": 1,
-        "tags": TAGS,
-        "job_variables": {"env": env},
+    home = str(settings.home)
+    refresh_defaults = {
+        "params": RefreshParams(source=source, home=home).model_dump(mode="json", exclude_none=True)
     }
+    common: dict[str, Any] = {"concurrency_limit": 1, "tags": TAGS}
     nightly = knowledge_refresh.to_deployment(
         name="nightly",
         schedules=[Cron(nightly_cron(settings), timezone=settings.refresh_timezone)],
@@ -69,7 +68,7 @@ def build_deployments(settings: Settings | None = None) -> list[Any]:
     )
     rollback = rollback_adapter_flow.to_deployment(
         name="manual",
-        parameters={"params": RollbackParams().model_dump(mode="json", exclude_none=True)},
+        parameters={"params": RollbackParams(home=home).model_dump(mode="json", exclude_none=True)},
         description=f"Roll the champion back (data home {settings.home}).",
         **common,
     )

@@ -16,6 +16,11 @@ class RefreshParams(BaseModel):
     source: str = Field(
         "examples/docs", description="Folder of documents to ingest (PDF, Markdown, text, HTML)."
     )
+    home: str | None = Field(
+        None,
+        description="Data home of this run; `moral deploy` fills in its own, absolute, so every run of a "
+        "deployment uses the same one. Empty: MORAL_HOME.",
+    )
     until: Stage | None = Field(
         None,
         description="Stop after this stage (ingest, qa, index, train, evaluate); a later run picks up from there.",
@@ -69,6 +74,7 @@ class RefreshParams(BaseModel):
             "gate_max_nll_rise", "gate_max_ra_drop", "gate_max_retention_drop", "max_llm_calls", "max_llm_tokens",
             "replay_budget", "bank_init", "loramoe",
             "gate_min_n_for_ci", "fivel_size", "require_approval", "approval_timeout_s",
+            "home",
         }  # fmt: skip
         return {k: v for k, v in self.model_dump().items() if k in keys and v is not None}
 
@@ -87,3 +93,6 @@ class RollbackParams(BaseModel):
         description="Why; written to the registry's audit log with the flow run id.",
     )
     actor: str | None = Field(None, description="Who asked for it (default: the flow's name).")
+    home: str | None = Field(
+        None, description="Data home; `moral deploy` fills in its own, absolute. Empty: MORAL_HOME."
+    )

@@ -13,6 +13,7 @@ import getpass
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -167,6 +168,8 @@ def emit_adapter_event(
 )
 def rollback_adapter_flow(params: RollbackParams = RollbackParams()) -> dict:  # noqa: B008 - immutable default
     settings = get_settings()
+    if params.home:
+        settings = settings.model_copy(update={"home": Path(params.home).expanduser().resolve()})
     result = rollback_adapter(
         settings,
         to=params.to,
