@@ -325,10 +325,7 @@ class CorpusMixin(Database):
         now = utcnow()
         with self.transaction() as con:
             row = con.execute(
-                "INSERT INTO qa_failures VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (chunk_id) DO UPDATE SET "
-                "error = excluded.error, attempts = qa_failures.attempts + 1, run_id = excluded.run_id, "
-                "updated_at = excluded.updated_at RETURNING attempts",
-                [chunk_id, error[:2000], run_id, now, now],
+                _FAILURE_UPSERT + " RETURNING attempts", [chunk_id, error[:2000], run_id, now, now]
             ).fetchone()
             assert row is not None
             return int(row[0])
@@ -350,44 +347,39 @@ class CorpusMixin(Database):
     # --- QA pairs -----------------------------------------------------------------------------
     def add_qa_pairs(self, pairs: Iterable[QAPair], run_id: str | None = None) -> int:
         """Insert pairs, ignoring ids already present; return how many were new."""
-        now = utcnow()
-        rows = [
-            (
-                p.qa_id,
-                p.chunk_id,
-                p.doc_id,
-                p.question,
-                p.answer,
-                p.question_norm,
-                p.split,
-                p.status,
-                p.duplicate_of,
-                p.generator,
-                p.prompt_version,
-                p.run_id or run_id,
-                now,
-            )
-            for p in unique(pairs, lambda p: p.qa_id)
-        ]
-        columns = [
-            ("qa_id", "VARCHAR"),
-            ("chunk_id", "VARCHAR"),
-            ("doc_id", "VARCHAR"),
-            ("question", "VARCHAR"),
-            ("answer", "VARCHAR"),
-            ("question_norm", "VARCHAR"),
-            ("split", "VARCHAR"),
-            ("status", "VARCHAR"),
-            ("duplicate_of", "VARCHAR"),
-            ("generator", "VARCHAR"),
-            ("prompt_version", "VARCHAR"),
-            ("run_id", "VARCHAR"),
-            ("created_at", "TIMESTAMP"),
-        ]
         with self.transaction() as con:
-            added = bulk_insert(con, "qa_pairs", columns, rows)
-            if added:
-                event(con, "qa.added", run_id=run_id, detail={"count": added})
+            return _insert_pairs(con, pairs, run_id)
+
+    def record_qa_results(
+        self,
+        pairs: Iterable[QAPair],
+        done: Iterable[str],
+        failures: Sequence[tuple[str, str]] = (),
+        run_id: str | None = None,
+    ) -> int:
+        """The outcome of one QA stage in ONE transaction: new pairs, the chunks finished (their
+        failures cleared) and the chunks that failed (attempts counted, retried by the next run).
+        Pairs and the 'done' flag land together, so a crash never marks a chunk done without its pairs.
+        Returns how many pairs were new."""
+        ids = list(dict.fromkeys(done))
+        now = utcnow()
+        with self.transaction() as con:
+            added = _insert_pairs(con, pairs, run_id)
+            if ids:
+                n = len(
+                    con.execute(
+                        "UPDATE chunks SET qa_done = true WHERE list_contains(?::VARCHAR[], chunk_id) "
+                        "AND NOT qa_done RETURNING chunk_id",
+                        [ids],
+                    ).fetchall()
+                )
+                con.execute("DELETE FROM qa_failures WHERE list_contains(?::VARCHAR[], chunk_id)", [ids])
+                if n:
+                    event(con, "chunks.qa_done", run_id=run_id, detail={"count": n})
+            for chunk_id, error in failures:
+                con.execute(_FAILURE_UPSERT, [chunk_id, error[:2000], run_id, now, now])
+            if failures:
+                event(con, "qa.failed", run_id=run_id, detail={"count": len(failures)})
             return added
 
     def qa_pairs(
@@ -583,4 +575,54 @@ def _insert_chunks(con: Any, chunks: Iterable[Chunk], run_id: str | None) -> int
     added = bulk_insert(con, "chunks", columns, rows)
     if added:
         event(con, "chunks.added", run_id=run_id, detail={"count": added})
+    return added
+
+
+#: One more failed generation for a chunk (first failure inserts, later ones count up).
+_FAILURE_UPSERT = (
+    "INSERT INTO qa_failures VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (chunk_id) DO UPDATE SET "
+    "error = excluded.error, attempts = qa_failures.attempts + 1, run_id = excluded.run_id, "
+    "updated_at = excluded.updated_at"
+)
+
+
+def _insert_pairs(con: Any, pairs: Iterable[QAPair], run_id: str | None) -> int:
+    """Insert QA pairs (ignoring known ids) inside the caller's transaction; return how many were new."""
+    now = utcnow()
+    rows = [
+        (
+            p.qa_id,
+            p.chunk_id,
+            p.doc_id,
+            p.question,
+            p.answer,
+            p.question_norm,
+            p.split,
+            p.status,
+            p.duplicate_of,
+            p.generator,
+            p.prompt_version,
+            p.run_id or run_id,
+            now,
+        )
+        for p in unique(pairs, lambda p: p.qa_id)
+    ]
+    columns = [
+        ("qa_id", "VARCHAR"),
+        ("chunk_id", "VARCHAR"),
+        ("doc_id", "VARCHAR"),
+        ("question", "VARCHAR"),
+        ("answer", "VARCHAR"),
+        ("question_norm", "VARCHAR"),
+        ("split", "VARCHAR"),
+        ("status", "VARCHAR"),
+        ("duplicate_of", "VARCHAR"),
+        ("generator", "VARCHAR"),
+        ("prompt_version", "VARCHAR"),
+        ("run_id", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+    ]
+    added = bulk_insert(con, "qa_pairs", columns, rows)
+    if added:
+        event(con, "qa.added", run_id=run_id, detail={"count": added})
     return added

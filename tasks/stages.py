@@ -239,14 +239,11 @@ def qa_stage(settings: Settings, run_id: str, progress: Progress | None = None, 
         )
         for p in result.pairs
     ]  # fmt: skip
-    out.qa_generated = reg.add_qa_pairs(records, run_id=run_id) if records else 0
     failed = {cid for cid, _ in result.failed}
     skipped = set(result.skipped_by_cap)
     done = [c.chunk_id for c in chunks if c.chunk_id not in failed and c.chunk_id not in skipped]
-    if done:
-        reg.mark_chunks_qa_done(done, run_id=run_id)
-    for chunk_id, error in result.failed:
-        reg.record_qa_failure(chunk_id, error, run_id=run_id)
+    # Pairs, done flags and failures in one transaction; a failed chunk is retried by the next run.
+    out.qa_generated = reg.record_qa_results(records, done, result.failed, run_id=run_id)
     out.qa_failed = [{"chunk_id": cid, "error": err} for cid, err in result.failed]
     out.qa_rejected = len(result.rejected)
     out.skipped_by_cap = len(skipped)
@@ -271,13 +268,14 @@ class IndexSummary:
     qa_indexed: int = 0
     qa_duplicates: int = 0
     retired_vectors: int = 0
+    restored_vectors: int = 0
 
 
 def index_stage(settings: Settings, run_id: str, progress: Progress | None = None) -> IndexSummary:
     """Dedup the pairs not yet indexed (within the batch and against Chroma), then upsert pairs and chunks."""
     from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
     from tasks.dedup import dedup_pairs, embedding_text
-    from tasks.index import index_chunks, index_qa, retire
+    from tasks.index import index_chunks, index_qa, restore, retire
 
     reg = Registry.from_settings(settings)
     store = VectorStore(settings)
@@ -308,9 +306,15 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         docs = {d.doc_id: d for d in reg.documents()}
         meta = {doc_id: {"path": d.path} for doc_id, d in docs.items()}
         out.chunks_indexed = index_chunks(store, new_chunks, meta, run_id)
-    retired = [d.doc_id for d in reg.documents(status="retired")]
+    all_docs = reg.documents()
+    retired = [d.doc_id for d in all_docs if d.status == "retired"]
     if retired:
         out.retired_vectors = retire(store, retired)
+    # A retired document whose bytes came back (re-added, renamed back, a change reverted) is active
+    # again in the registry; its vectors were kept, flagged retired: flag them active again.
+    active = [d.doc_id for d in all_docs if d.status == "active"]
+    if active:
+        out.restored_vectors = restore(store, active)
     _say(
         progress,
         f"index: {out.qa_indexed} pairs and {out.chunks_indexed} chunks added, {out.qa_duplicates} duplicates",

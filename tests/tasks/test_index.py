@@ -91,3 +91,35 @@ def test_reindexing_a_retired_chunk_reactivates_it(store):
     assert {r.metadata["status"] for r in recs} == {"active"} and {r.metadata["run_id"] for r in recs} == {
         "run1"
     }
+
+
+def test_index_stage_reactivates_the_vectors_of_a_document_that_comes_back(settings, embedder, tmp_path):
+    from tasks.stages import index_stage, ingest_stage
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "q7.md").write_text(TEXT)
+    (src / "other.md").write_text("Grey herons nest in tall trees near shallow lakes and slow rivers.\n")
+    ingest_stage(settings, src, "run-1")
+    first = index_stage(settings, "run-1")
+    store = VectorStore(settings, embedder)
+    n = first.chunks_indexed
+    assert n >= 2 and store.count(CHUNKS, {"status": "active"}) == n
+
+    kept = (src / "q7.md").read_bytes()
+    (src / "q7.md").unlink()
+    ingest_stage(settings, src, "run-2")
+    gone = index_stage(settings, "run-2")
+    assert gone.retired_vectors == n - 1 and store.count(CHUNKS, {"status": "active"}) == 1
+    hits = store.query(CHUNKS, ["How much does the Quillfeather Q7 weigh?"], k=1, where={"status": "active"})
+    assert "Quillfeather" not in hits[0][0].text
+
+    (src / "q7-restored.md").write_bytes(kept)  # the same bytes come back under another name
+    back = ingest_stage(settings, src, "run-3")
+    assert back.documents_renamed == [str(src / "q7-restored.md")] and back.chunks_added == 0
+    again = index_stage(settings, "run-3")
+    assert again.chunks_indexed == 0 and again.restored_vectors == n - 1  # nothing re-embedded
+    assert store.count(CHUNKS, {"status": "active"}) == n
+    hits = store.query(CHUNKS, ["How much does the Quillfeather Q7 weigh?"], k=1, where={"status": "active"})
+    assert "Quillfeather" in hits[0][0].text
+    assert index_stage(settings, "run-4").restored_vectors == 0  # idempotent

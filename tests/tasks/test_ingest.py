@@ -278,3 +278,136 @@ def test_plan_delta_empty_scan_deletes_everything_and_no_registry_means_all_new(
     assert [x.sha256 for x in plan_delta([], {"a": "/a"}, {"/a": "a"}).deleted] == ["a"]
     d = plan_delta([sf("/x.md", "x"), sf("/y.md", "x")], {}, {})
     assert [f.rel_path for f in d.new] == ["x.md"] and [f.rel_path for f in d.duplicates] == ["y.md"]
+
+
+# --- the ingest stage against a real registry ----------------------------------------------------
+def mixed_folder(root: Path, outside: Path) -> dict[str, str]:
+    """Good files of every kind and one bad file of every kind; returns bad name -> expected reason."""
+    write(root / "spec.pdf", make_pdf(PAGES))
+    write(root / "notes/guide.md", "# Guide\n\nThe Heron API returns sightings grouped by lake and season.\n")
+    write(root / "plain.txt", "Grey herons nest in tall trees near shallow lakes and slow rivers.\n")
+    write(
+        root / "page.html",
+        "<html><body><p>Ospreys dive feet first to catch fish in clear water.</p></body></html>",
+    )
+    write(root / "latin1.txt", "Le café ferme à dix-huit heures précises chaque jour.".encode("cp1252"))
+    write(outside / "secret.md", "outside the source root")
+    os.symlink(outside / "secret.md", root / "leak.md")
+    bad = {
+        "truncated.pdf": ("corrupt PDF", make_pdf(PAGES)[:300]),
+        "random.pdf": ("not a PDF", os.urandom(4096)),
+        "locked.pdf": ("encrypted PDF", encrypted_pdf("user-secret")),
+        "scan.pdf": ("no extractable text", image_only_pdf()),
+        "empty.md": ("empty document", b"\n\n"),
+        "binary.txt": ("undecodable text", bytes(range(256)) * 20),
+        "huge.txt": ("file too large", b"word " * 30_000),
+    }
+    for name, (_, data) in bad.items():
+        write(root / name, data)
+    return {"leak.md": "symlink escapes source root", **{k: v[0] for k, v in bad.items()}}
+
+
+def test_ingest_stage_mixed_folder_then_rerun_adds_nothing(settings, tmp_path):
+    from storage.registry import Registry
+    from tasks.stages import ingest_stage
+
+    root = tmp_path / "src"
+    expected = mixed_folder(root, tmp_path / "outside")
+    settings = settings.model_copy(update={"max_file_mb": 0.1})
+    first = ingest_stage(settings, root, "run-1")
+
+    assert sorted(Path(p).name for p in first.documents_new) == [
+        "guide.md", "latin1.txt", "page.html", "plain.txt", "spec.pdf",
+    ]  # fmt: skip
+    got = {Path(q["path"]).name: q["reason"] for q in first.documents_quarantined}
+    assert set(got) == set(expected)
+    for name, reason in expected.items():
+        assert reason in got[name], (name, got[name])
+    reg = Registry(settings.registry_path)
+    assert {Path(e.path).name for e in reg.quarantined()} == set(expected)
+    assert first.chunks_added == len(reg.chunks()) > 0
+    pdf_chunks = [c for c in reg.chunks() if c.doc_id == source(root / "spec.pdf", root).sha256]
+    assert {c.page for c in pdf_chunks} <= {1, 2, 3} and pdf_chunks
+    assert any("café" in c.text for c in reg.chunks())  # cp1252 detected, not mojibake
+    assert not any("outside the source root" in c.text for c in reg.chunks())
+
+    second = ingest_stage(settings, root, "run-2")
+    assert second.documents_new == [] and second.chunks_added == 0 and second.documents_retired == []
+    assert second.documents_unchanged == 5
+    assert {Path(q["path"]).name for q in second.documents_quarantined} == set(expected)
+    assert len(reg.quarantined()) == len(expected)  # reported again, not recorded twice
+
+
+def test_changed_and_deleted_files_retire_their_chunks_and_pairs(settings, tmp_path):
+    from storage.records import QAPair as PairRecord
+    from storage.registry import Registry
+    from tasks.stages import ingest_stage
+
+    root = tmp_path / "src"
+    write(root / "a.md", "The Quillfeather Q7 weighs 1.8 kg and flies for 42 minutes.\n")
+    write(root / "b.md", "The Heron API returns sightings grouped by lake and season.\n")
+    write(root / "c.md", "Grey herons nest in tall trees near shallow lakes.\n")
+    ingest_stage(settings, root, "run-1")
+    reg = Registry(settings.registry_path)
+    sha = {d.path.rsplit("/", 1)[1]: d.doc_id for d in reg.documents()}
+    pairs = [
+        PairRecord.new(c.chunk_id, c.doc_id, f"What does chunk {c.idx} of {c.doc_id[:6]} say?", "x", "train")
+        for c in reg.chunks()
+    ]
+    reg.add_qa_pairs(pairs)
+
+    write(root / "a.md", "The Quillfeather Q7 weighs 1.9 kg and flies for 45 minutes.\n")  # changed
+    (root / "b.md").unlink()  # deleted
+    (root / "c.md").rename(root / "c-renamed.md")  # renamed: same bytes, not new
+    out = ingest_stage(settings, root, "run-2")
+
+    assert out.documents_new == [str(root / "a.md")]
+    assert sorted(out.documents_retired) == [str(root / "a.md"), str(root / "b.md")]
+    assert out.documents_renamed == [str(root / "c-renamed.md")]
+    for name in ("a.md", "b.md"):
+        assert reg.document_by_sha(sha[name]).status == "retired"
+        assert {c.status for c in reg.chunks(doc_id=sha[name], status=None)} == {"retired"}
+        assert {p.status for p in reg.qa_pairs(doc_id=sha[name], status=None)} == {"retired"}
+    assert reg.document_by_sha(sha["c.md"]).path == str(root / "c-renamed.md")
+    assert {p.status for p in reg.qa_pairs(doc_id=sha["c.md"])} == {"active"}
+    assert "45 minutes" in " ".join(c.text for c in reg.chunks())
+
+
+def test_quarantined_bytes_under_a_new_name_stay_quarantined(settings, tmp_path):
+    from storage.registry import Registry
+    from tasks.stages import ingest_stage
+
+    root = tmp_path / "src"
+    write(root / "bad.pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\ntruncated")
+    ingest_stage(settings, root, "run-1")
+    (root / "bad.pdf").rename(root / "renamed.pdf")
+    out = ingest_stage(settings, root, "run-2")
+    reg = Registry(settings.registry_path)
+    assert out.documents_renamed == [] and out.documents_new == []
+    assert [Path(q["path"]).name for q in out.documents_quarantined] == ["renamed.pdf"]
+    assert "corrupt PDF" in out.documents_quarantined[0]["reason"]
+    assert [d.status for d in reg.documents()] == ["quarantined"]
+    assert [Path(e.path).name for e in reg.quarantined()] == ["renamed.pdf"]  # the old path's entry closed
+
+
+def test_fixed_or_removed_files_leave_the_quarantine_list(settings, tmp_path):
+    from storage.registry import Registry
+    from tasks.stages import ingest_stage
+
+    root = tmp_path / "src"
+    write(root / "fixme.txt", b"")
+    write(root / "removeme.txt", b"   ")
+    write(root / "still-bad.txt", b"\n \n")
+    ingest_stage(settings, root, "run-1")
+    reg = Registry(settings.registry_path)
+    reg.quarantine(tmp_path / "elsewhere" / "x.txt", None, "from another source folder")
+    assert len(reg.quarantined()) == 4
+
+    write(root / "fixme.txt", "Grey herons nest in tall trees near shallow lakes.\n")
+    (root / "removeme.txt").unlink()
+    out = ingest_stage(settings, root, "run-2")
+    assert out.documents_new == [str(root / "fixme.txt")]
+    open_paths = sorted(Path(e.path).name for e in reg.quarantined())
+    assert open_paths == ["still-bad.txt", "x.txt"]  # still bad; and outside this source
+    [ev] = reg.events(kind="quarantine.resolved")
+    assert len(ev.detail["ids"]) == 2 and ev.run_id == "run-2"

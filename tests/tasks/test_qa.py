@@ -322,3 +322,74 @@ def test_api_key_never_logged(llm_server, caplog):
     assert llm_server.state.headers[0]["authorization"] == f"Bearer {API_KEY}"  # it is used ...
     assert API_KEY not in caplog.text and API_KEY not in repr(g)  # ... and never shown
     assert "retry" in caplog.text.lower()
+
+
+# --- the QA stage against a real registry --------------------------------------------------------
+def registry_with_chunks(settings, n: int):
+    from storage.corpus import DocumentIn
+    from storage.records import Chunk as ChunkRecord
+    from storage.registry import Registry
+
+    reg = Registry(settings.registry_path)
+    chunks = make_chunks(n, doc_id="d" * 64)
+    records = [ChunkRecord(c.chunk_id, c.doc_id, c.idx, c.text, c.page, c.n_tokens) for c in chunks]
+    reg.add_documents([DocumentIn("d" * 64, "/src/doc.md", "/src", "markdown", 1)], records, run_id="r0")
+    return reg
+
+
+def test_qa_stage_records_a_final_failure_and_the_next_run_retries_only_it(settings, llm_server):
+    from tasks.stages import qa_stage
+
+    reg = registry_with_chunks(settings, 4)
+    llm_server.script("401")  # not retryable: the first chunk's generation fails for good this run
+    first = qa_stage(settings, "run-1", generator=gen(llm_server))
+    assert len(first.qa_failed) == 1
+    assert "AuthenticationError" in first.qa_failed[0]["error"]
+    [failure] = reg.qa_failures()
+    assert failure.chunk_id == first.qa_failed[0]["chunk_id"] and failure.attempts == 1
+    assert API_KEY not in failure.error  # the server echoed the key; it was redacted before storing
+    assert first.llm_calls == 4 and len(reg.chunks_without_qa()) == 1
+
+    second = qa_stage(settings, "run-2", generator=gen(llm_server))
+    assert second.chunks_pending == 1 and second.llm_calls == 1 and not second.qa_failed
+    assert reg.qa_failures() == [] and reg.chunks_without_qa() == []
+    assert {p.chunk_id for p in reg.qa_pairs(status=None)} == {c.chunk_id for c in reg.chunks()}
+
+    third = qa_stage(settings, "run-3", generator=gen(llm_server))
+    assert third.chunks_pending == 0 and third.llm_calls == 0 and llm_server.calls == 5
+
+
+def test_qa_stage_spend_cap_leaves_the_rest_for_the_next_run(settings, llm_server):
+    from tasks.stages import qa_stage
+
+    reg = registry_with_chunks(settings, 6)
+    capped = settings.model_copy(update={"max_llm_calls": 2, "qa_concurrency": 1})
+    first = qa_stage(capped, "run-1", generator=gen(llm_server))
+    assert first.llm_calls == 2 and first.skipped_by_cap == 4 and not first.qa_failed
+    assert first.llm_tokens > 0 and len(reg.chunks_without_qa()) == 4
+    second = qa_stage(settings, "run-2", generator=gen(llm_server))
+    assert second.llm_calls == 4 and reg.chunks_without_qa() == [] and llm_server.calls == 6
+
+
+def test_qa_stage_caches_replies_in_the_registry_and_stores_no_key(settings, llm_server):
+    import duckdb
+
+    from tasks.stages import qa_stage
+
+    reg = registry_with_chunks(settings, 5)
+    llm_server.script("401")  # the server echoes the key in its error message
+    out = qa_stage(settings, "run-1", generator=gen(llm_server, max_concurrency=1))
+    assert out.llm_calls == 5 and out.qa_generated > 0 and len(out.qa_failed) == 1
+    keys = [cache_key(c.text, "test-model", PROMPT_VERSION) for c in reg.chunks()]
+    assert len(reg.cache_get_many(keys)) == 4  # written by the background writer before the stage returned
+
+    con = duckdb.connect(str(settings.registry_path), read_only=True)
+    try:
+        tables = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
+        for table in tables:
+            hits = con.execute(
+                f"SELECT count(*) FROM {table} t WHERE CAST(t AS VARCHAR) LIKE ?", [f"%{API_KEY}%"]
+            )
+            assert hits.fetchone()[0] == 0, table
+    finally:
+        con.close()
