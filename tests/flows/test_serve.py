@@ -115,6 +115,7 @@ def ask(client: openai.OpenAI, model: str = MODEL_ID, **kwargs):
     return raw.parse(), raw.headers[VERSION_HEADER]
 
 
+@pytest.mark.integration  # a real uvicorn server on loopback
 def test_the_champion_answers_and_follows_promotion_and_rollback(tiny_settings, registry, start_server):
     url = start_server(tiny_settings)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -165,6 +166,7 @@ def test_the_champion_answers_and_follows_promotion_and_rollback(tiny_settings, 
     assert set(health["loaded"]) == {"v1", "v2"}  # both adapters share the one base model
 
 
+@pytest.mark.integration  # a real uvicorn server on loopback
 def test_pins_unknown_models_and_unloadable_versions(tiny_settings, registry, start_server):
     v1 = save_version(tiny_settings, registry, seed=1)
     v2 = save_version(tiny_settings, registry, seed=2)
@@ -220,6 +222,7 @@ def test_pins_unknown_models_and_unloadable_versions(tiny_settings, registry, st
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
 
 
+@pytest.mark.integration  # a real uvicorn server on loopback
 def test_an_api_key_is_required_when_configured(tiny_settings, start_server, monkeypatch):
     monkeypatch.setenv("MORAL_SERVE_API_KEY", "s3cret")
     keyed = Settings().model_copy(update={"base_model": tiny_settings.base_model})
@@ -239,6 +242,7 @@ def test_an_api_key_is_required_when_configured(tiny_settings, start_server, mon
     assert httpx.get(f"{url}/health").status_code == 200  # health checks need no key
 
 
+@pytest.mark.integration  # a real uvicorn server on loopback
 def test_a_busy_registry_keeps_the_loaded_champion(tiny_settings, registry, start_server):
     save_version(tiny_settings, registry, seed=1)
     url = start_server(tiny_settings)
@@ -263,6 +267,7 @@ def test_a_busy_registry_keeps_the_loaded_champion(tiny_settings, registry, star
     assert httpx.get(f"{url}/health").json()["registry_error"] is None
 
 
+@pytest.mark.integration  # a real uvicorn server on loopback
 def test_open_book_retrieves_passages_from_the_index(tiny_settings, embedder, start_server):
     from storage.vectors import CHUNKS, VectorStore
 
@@ -285,6 +290,7 @@ def test_open_book_retrieves_passages_from_the_index(tiny_settings, embedder, st
     assert done.usage.prompt_tokens >= closed.usage.prompt_tokens + len("The Zorbl gem is teal")
 
 
+@pytest.mark.integration  # a real uvicorn server on loopback
 def test_max_tokens_and_stop_strings(tiny_settings, start_server):
     url = start_server(tiny_settings)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -310,6 +316,21 @@ def test_max_tokens_and_stop_strings(tiny_settings, start_server):
         else:
             text, finish = result.choices[0].message.content, result.choices[0].finish_reason
         assert text == long[:cut].rstrip() and finish == "stop"
+
+    # Sampling (temperature > 0) is repeatable with a seed: the RNG is seeded under the generation lock.
+    sampled = [
+        client.chat.completions.create(
+            model=MODEL_ID,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=12,
+            temperature=1.0,
+            seed=7,
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1] and sampled[0]
 
 
 def test_detokenizer_holds_back_a_possible_stop_string(tiny_model_dir):
