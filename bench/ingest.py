@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
     args = parser.parse_args(argv)
-    qa_chunks, index_chunks, dedup_pairs_n = (48, 200, 1_000) if args.quick else (200, 5_000, 20_000)
+    qa_chunks, index_chunks, dedup_pairs_n = (32, 64, 500) if args.quick else (200, 5_000, 20_000)
 
     out: dict = {"quick": args.quick, "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="moral-bench-ingest-") as tmp:
