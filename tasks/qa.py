@@ -407,24 +407,32 @@ def _run_pool(
     version = generator.prompt_version
     queue_ = iter(batches)
     in_flight: dict[Future, list[str]] = {}
+    capped = False
+
+    def fill(pool: ThreadPoolExecutor) -> None:
+        nonlocal capped
+        while not capped and len(in_flight) < workers:
+            batch = next(queue_, None)
+            if batch is None:
+                return
+            if budget.exhausted:
+                capped = True
+                skip(batch)
+                return
+            texts = [groups[k][0].text for k in batch]
+            in_flight[pool.submit(generator.generate_many, texts, budget)] = batch
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qa") as pool:
-        capped = False
         while True:
-            while not capped and len(in_flight) < workers:
-                batch = next(queue_, None)
-                if batch is None:
-                    break
-                if budget.exhausted:
-                    capped = True
-                    skip(batch)
-                    break
-                texts = [groups[k][0].text for k in batch]
-                in_flight[pool.submit(generator.generate_many, texts, budget)] = batch
+            fill(pool)
             if not in_flight:
                 break
             finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                batch = in_flight.pop(fut)
+            replies = [(fut, in_flight.pop(fut)) for fut in finished]
+            # Hand out new work before validating replies: the endpoint stays at full concurrency
+            # while this thread parses and checks what came back.
+            fill(pool)
+            for fut, batch in replies:
                 try:
                     outs = fut.result()
                 except Exception as exc:  # a generator bug must not lose the other chunks

@@ -162,6 +162,15 @@ def _retry_after(exc: Exception) -> float | None:
             return None
 
 
+def warm_up() -> None:
+    """Import the client and the transport modules it loads lazily when the first client is built
+    (about 1 s on two busy cores). The ingest stage runs this in a background thread while it parses
+    documents, so the QA stage after it starts sending requests at once. No network traffic."""
+    import openai
+
+    openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1", max_retries=0).close()
+
+
 class OpenAIQAGenerator:
     """QA pairs from any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, llama.cpp).
 

@@ -67,7 +67,7 @@ def ingest_stage(
     delta = plan_delta(scan.files, known, active_paths)
 
     if settings.qa_backend == "openai" and delta.to_process:
-        _preload_module("openai")  # ~1 s of imports the QA stage needs, overlapped with parsing
+        _warm_openai_client()  # ~1 s of imports the QA stage needs, overlapped with parsing
     _resolve_stale_quarantine(reg, source, scan, run_id)
     for q in scan.rejected:
         reg.quarantine(q.path, q.sha256, q.reason, run_id)
@@ -152,14 +152,13 @@ def _resolve_stale_quarantine(reg: Registry, source: Path, scan, run_id: str) ->
         reg.resolve_quarantine(stale, "file fixed or removed from the source", run_id=run_id)
 
 
-def _preload_module(name: str) -> None:
-    """Import a module in a daemon thread so that a later stage finds it loaded."""
-    import importlib
+def _warm_openai_client() -> None:
+    """Load the openai client's modules in a daemon thread, so that the QA stage finds them loaded."""
     import threading
 
-    threading.Thread(
-        target=importlib.import_module, args=(name,), name=f"preload-{name}", daemon=True
-    ).start()
+    from tasks.qa_openai import warm_up
+
+    threading.Thread(target=warm_up, name="warm-openai", daemon=True).start()
 
 
 # --------------------------------------------------------------------------------------------------
