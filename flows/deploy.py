@@ -42,10 +42,11 @@ def build_deployments(settings: Settings | None = None) -> list[Any]:
     """The three ``RunnerDeployment`` objects (not yet applied or served)."""
     from prefect.schedules import Cron
 
-    from flows.refresh import knowledge_refresh
+    from flows.refresh import refresh_flow
     from flows.rollback import rollback_adapter_flow
 
     settings = settings or get_settings()
+    knowledge_refresh = refresh_flow(settings)
     source = str(settings.refresh_source.expanduser().resolve())
     home = str(settings.home)
     refresh_defaults = {

@@ -31,6 +31,34 @@ def settings_for(params: RefreshParams, base: Settings | None = None) -> Setting
     return Settings(**{**base.model_dump(), **overrides})
 
 
+def task_runner_for(settings: Settings):
+    """The Prefect task runner named by ``MORAL_TASK_RUNNER``: threads (default) or Dask.
+
+    Dask with ``MORAL_DASK_ADDRESS`` uses that cluster (workers on other machines need the same data
+    home mounted, the registry's DuckDB file included); without it, a LocalCluster in this process.
+    """
+    if settings.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise RuntimeError(
+                "MORAL_TASK_RUNNER=dask needs prefect-dask: pip install 'moral-refresh[dask]'"
+            ) from exc
+        if settings.dask_address:
+            return DaskTaskRunner(address=settings.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": settings.task_runner_workers, "threads_per_worker": 1}
+        )
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=settings.task_runner_workers)
+
+
+def refresh_flow(settings: Settings):
+    """``knowledge_refresh`` with the task runner the settings choose (CLI runs and deployments)."""
+    return knowledge_refresh.with_options(task_runner=task_runner_for(settings))
+
+
 def _flow_run_id() -> str | None:
     try:
         from prefect.runtime import flow_run
@@ -70,11 +98,13 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
         summary.update(_ingest_fields(ing))
         if params.until == "ingest":
             return _finish(reg, summary, started, stopped="ingest")
-        qa = t.generate_qa(settings, run_id)
+        # Submitted, not called: QA generation and embedding run on the task runner chosen by
+        # MORAL_TASK_RUNNER (threads here, or a Dask worker), see task_runner_for().
+        qa = t.generate_qa.submit(settings, run_id).result()
         summary.update(_qa_fields(qa))
         if params.until == "qa":
             return _finish(reg, summary, started, stopped="qa")
-        idx = t.dedup_and_index(settings, run_id)
+        idx = t.dedup_and_index.submit(settings, run_id).result()
         summary.update(
             qa_duplicates=idx.qa_duplicates, qa_indexed=idx.qa_indexed, chunks_indexed=idx.chunks_indexed
         )
@@ -220,5 +250,5 @@ def run_refresh(params: RefreshParams, quiet: bool = False) -> dict:
         # --json: stdout carries the summary alone; Prefect's console logs go quiet.
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         logging.getLogger("prefect").setLevel(logging.WARNING)
-    summary = knowledge_refresh(params)
+    summary = refresh_flow(settings_for(params))(params)
     return {**EMPTY_FIELDS, **summary}

@@ -142,3 +142,29 @@ def test_refresh_flow_refuses_while_another_refresh_holds_the_lock(
     assert "refresh refused" in str(info.value)
     # Refused before it wrote anything: no run was recorded.
     assert not settings.registry_path.exists() or Registry.from_settings(settings).runs() == []
+
+
+def test_refresh_fans_out_through_a_dask_local_cluster(
+    prefect_harness, settings, monkeypatch, llm_endpoint, source_dir
+) -> None:
+    pytest.importorskip("prefect_dask", reason="prefect-dask not installed (pip install '.[dask]')")
+    from distributed import LocalCluster
+
+    from flows.params import RefreshParams
+    from flows.refresh import run_refresh
+    from storage.settings import get_settings
+
+    monkeypatch.setenv("MORAL_QA_BACKEND", "openai")
+    monkeypatch.setenv("MORAL_QA_BASE_URL", llm_endpoint.base_url)
+    monkeypatch.setenv("MORAL_QA_API_KEY", "sk-test-not-a-secret")
+    monkeypatch.setenv("MORAL_QA_MODEL", "loopback-qa")
+    # Threads in this process keep the test fast; the runner talks to it by address like any cluster.
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        monkeypatch.setenv("MORAL_TASK_RUNNER", "dask")
+        monkeypatch.setenv("MORAL_DASK_ADDRESS", cluster.scheduler_address)
+        get_settings.cache_clear()
+        summary = run_refresh(RefreshParams(source=str(source_dir), until="qa"), quiet=True)
+        ran = set(cluster.scheduler.task_prefixes)
+    get_settings.cache_clear()
+    assert summary["status"] == "completed" and summary["qa_generated"] > 0 and llm_endpoint.calls > 0
+    assert "generate_qa" in ran, ran  # the QA task ran on the cluster
