@@ -73,3 +73,24 @@ def test_bad_schedule_settings_fail_before_anything_is_registered(settings: Sett
     monkeypatch.setenv("MORAL_REFRESH_HOUR", "24")
     with pytest.raises(ValidationError, match="refresh_hour"):
         Settings()
+
+
+def test_prefect_yaml_deployments_point_at_the_flows_and_validate() -> None:
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.params import RefreshParams, RollbackParams
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "prefect.yaml").read_text())
+    seen = set()
+    for d in config["deployments"]:
+        flow = load_flow_from_entrypoint(str(root / d["entrypoint"]))
+        seen.add(f"{flow.name}/{d['name']}")
+        assert d["concurrency_limit"] == 1 and d["work_pool"]["name"]
+        model = RefreshParams if flow.name == "knowledge-refresh" else RollbackParams
+        params = model.model_validate(d["parameters"]["params"])
+        assert params.home and Path(params.home).is_absolute()
+    assert seen == {"knowledge-refresh/nightly", "knowledge-refresh/manual", "rollback-adapter/manual"}
+    nightly = next(d for d in config["deployments"] if d["name"] == "nightly")
+    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
