@@ -80,8 +80,14 @@ def serve_deployments(settings: Settings | None = None, limit: int = 1) -> None:
     """Register the deployments and run their flow runs from this process until interrupted."""
     from prefect import serve
 
+    from storage.chroma_server import ensure_chroma_server
+
     settings = settings or get_settings()
     settings.ensure_dirs()
+    if not settings.chroma_url:
+        # Flow runs (and `moral serve`) share the index through one Chroma server on loopback,
+        # never several PersistentClients over one directory.
+        settings = settings.model_copy(update={"chroma_url": ensure_chroma_server(settings)})
     # Served runs execute in child processes that inherit this environment.
     os.environ.update(deployment_env(settings))
     # pause_on_shutdown=False: the nightly schedule stays active while the process restarts, and

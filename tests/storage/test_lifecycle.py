@@ -225,3 +225,33 @@ def test_backup_is_complete_readable_and_restorable(home, tmp_path: Path) -> Non
         backup(settings, settings.home / "inner")
     with pytest.raises(BackupError, match="not a backup"):
         restore(tmp_path, tmp_path / "other")
+
+
+# --- the shared Chroma server ---------------------------------------------------------------------
+def test_chroma_server_is_started_once_shared_and_keeps_the_data(settings) -> None:
+    import chromadb
+
+    from storage.chroma_server import ensure_chroma_server, heartbeat, running_server, stop_chroma_server
+
+    url = ensure_chroma_server(settings)
+    try:
+        first = running_server(settings)
+        assert first is not None and url == first.url and url.startswith("http://127.0.0.1:")
+        assert ensure_chroma_server(settings) == url  # reused, not a second server
+        assert running_server(settings).pid == first.pid
+        host, port = url.removeprefix("http://").split(":")
+        client = chromadb.HttpClient(host=host, port=int(port))
+        client.get_or_create_collection("probe").add(ids=["a", "b"], embeddings=[[0.0, 1.0], [1.0, 0.0]])
+        assert stop_chroma_server(settings) and not heartbeat(url)
+        assert running_server(settings) is None
+
+        url = ensure_chroma_server(settings)  # a fresh server over the same directory
+        host, port = url.removeprefix("http://").split(":")
+        assert chromadb.HttpClient(host=host, port=int(port)).get_collection("probe").count() == 2
+    finally:
+        stop_chroma_server(settings)
+    # With MORAL_CHROMA_URL set nothing is started.
+    assert (
+        ensure_chroma_server(settings.model_copy(update={"chroma_url": "http://chroma:8000"}))
+        == "http://chroma:8000"
+    )
