@@ -166,3 +166,34 @@ def test_rewordings_from_the_same_chunk_are_variants_not_duplicates(store, embed
     again = [pair("Which person chaired the Remote Work Committee?", "Anand Okereke", "c9")]
     res = dedup_pairs(again, embed(embedder, again), store, THRESHOLD)
     assert [d.kind for d in res.duplicates] == ["exact"]  # same normalised question + answer
+
+
+def test_retired_nearest_neighbours_do_not_hide_an_active_duplicate(store):
+    # The index is queried without a metadata filter (fast); retired hits are skipped in Python and a
+    # row whose close hits were all unusable is asked again with the filter.
+    from tasks.index import retire
+
+    rng = np.random.default_rng(0)
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    base = unit(rng.standard_normal(384))
+
+    def near(eps: float) -> np.ndarray:  # cosine to `base` about 1 / sqrt(1 + eps^2)
+        return unit(base + eps * unit(rng.standard_normal(384)))
+
+    retired = [
+        pair(f"What payload does unit {i} of the Q7 carry?", "2.4 kg", f"c{i}", "old") for i in range(6)
+    ]
+    index_qa(store, retired, np.stack([near(0.01) for _ in retired]), "r1")
+    active = pair("What payload does the Q7 carry?", "2.4 kg", "c-live", "live")
+    index_qa(store, [active], near(0.1)[None, :], "r1")
+    assert retire(store, ["old"]) == 6
+
+    new = pair("How heavy a payload can the Q7 lift?", "2.4 kg", "c-new", "new")
+    res = dedup_pairs([new], base[None, :], store, THRESHOLD)
+    assert [(d.qa_id, d.duplicate_of, d.kind) for d in res.duplicates] == [
+        (new.qa_id, active.qa_id, "semantic")
+    ]
+    assert res.duplicates[0].similarity > 0.99 and res.kept == []
