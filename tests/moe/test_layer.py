@@ -255,7 +255,7 @@ def test_sparse_decoding_plan_equals_dense(scope, top_k):
 
 
 def test_dropout_linear_matches_dropout_then_linear():
-    from moe.layer import _DropoutLinear, dropout_linear
+    from moe.layer import _DropoutLinear, dropout_linear, keep_mask
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, dtype=torch.double, generator=gen, requires_grad=True)
@@ -267,6 +267,23 @@ def test_dropout_linear_matches_dropout_then_linear():
     torch.manual_seed(1)
     dropped = dropout_linear(x.float(), w.float(), 0.3, training=True)
     torch.manual_seed(1)
-    mask = torch.empty(6, 5, dtype=torch.bool).bernoulli_(0.7)  # the same draw
+    mask = keep_mask(torch.Size([6, 5]), 0.3, torch.device("cpu"))  # the same draw
     assert torch.allclose(dropped, F.linear(x.float() * mask / 0.7, w.float()), atol=1e-6)
     assert torch.equal(dropout_linear(x, w, 0.3, training=False), F.linear(x, w))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_keep_mask_drops_at_rate_p_independently(p):
+    from moe.layer import keep_mask
+
+    torch.manual_seed(0)
+    mask = keep_mask(torch.Size([512, 1031]), p, torch.device("cpu"))  # odd size: a partial last word
+    assert mask.dtype == torch.bool and mask.shape == (512, 1031)
+    n = mask.numel()
+    rate = 1.0 - mask.float().mean().item()
+    assert abs(rate - p) < 4 * (p * (1 - p) / n) ** 0.5 + 2**-16  # within 4 standard errors
+    # Neighbouring lanes (the four 16-bit parts of one random word) are uncorrelated.
+    flat = (~mask).float().view(-1)[: n - n % 4].view(-1, 4)
+    both = (flat[:, 0] * flat[:, 1]).mean().item()
+    assert abs(both - p * p) < 4 * (p * p / (n / 4)) ** 0.5
+    assert not torch.equal(mask, keep_mask(torch.Size([512, 1031]), p, torch.device("cpu")))  # fresh draws
