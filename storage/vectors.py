@@ -117,6 +117,13 @@ def make_client(settings: Settings) -> ClientAPI:
     from chromadb.config import Settings as ChromaSettings
 
     chroma_settings = ChromaSettings(anonymized_telemetry=False)
+    if not settings.chroma_url:
+        from storage.chroma_server import running_server
+
+        # `moral deploy` / `moral serve` started this data home's shared server: a PersistentClient
+        # on the same files beside it would be a second writer, so go through the server too.
+        if (server := running_server(settings)) is not None:
+            settings = settings.model_copy(update={"chroma_url": server.url})
     if settings.chroma_url:
         url = settings.chroma_url if "://" in settings.chroma_url else f"http://{settings.chroma_url}"
         parts = urlsplit(url)

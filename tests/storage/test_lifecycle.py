@@ -248,6 +248,14 @@ def test_chroma_server_is_started_once_shared_and_keeps_the_data(settings) -> No
         url = ensure_chroma_server(settings)  # a fresh server over the same directory
         host, port = url.removeprefix("http://").split(":")
         assert chromadb.HttpClient(host=host, port=int(port)).get_collection("probe").count() == 2
+
+        # A process of this data home without MORAL_CHROMA_URL (e.g. `moral refresh` beside a
+        # running `moral serve`) goes through the shared server, not a second PersistentClient.
+        from storage.vectors import make_client
+
+        client = make_client(settings)
+        assert isinstance(client, chromadb.api.client.Client) and client.get_collection("probe").count() == 2
+        assert type(client._server).__name__ == "FastAPI"  # the HTTP transport, not the local segment API
     finally:
         stop_chroma_server(settings)
     # With MORAL_CHROMA_URL set nothing is started.
