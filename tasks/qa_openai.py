@@ -201,8 +201,10 @@ class OpenAIQAGenerator:
         max_concurrency: int = 256,
     ):
         import openai
+        from openai.types.chat import ChatCompletion
 
         self._openai = openai
+        self._completion_type = ChatCompletion
         self.model = model
         self.model_id = model
         self.name = f"openai:{model}"
@@ -263,7 +265,11 @@ class OpenAIQAGenerator:
             if structured:
                 kwargs["response_format"] = {"type": "json_schema", "json_schema": QA_SCHEMA}
             try:
-                resp = self._client.chat.completions.create(**kwargs)
+                # The client's generic POST, not chat.completions.create(): create() runs every request
+                # through its TypedDict transformer (~1 ms of CPU per call, serialised by the GIL
+                # across all workers: a fifth of the wall time at 16 concurrent 200 ms calls). The body
+                # is plain JSON already; auth, timeouts and the typed errors are the same.
+                resp = self._client.post("/chat/completions", body=kwargs, cast_to=self._completion_type)
             except (oa.BadRequestError, oa.UnprocessableEntityError) as exc:
                 if structured and re.search(r"response_format|json_schema|schema", str(exc), re.I):
                     log.info("endpoint refused structured output; using plain JSON replies from now on")
