@@ -100,7 +100,7 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
             return _finish(reg, summary, started, stopped="ingest")
         # Submitted, not called: QA generation and embedding run on the task runner chosen by
         # MORAL_TASK_RUNNER (threads here, or a Dask worker), see task_runner_for().
-        qa = t.generate_qa.submit(settings, run_id).result()
+        qa = _generate_qa(settings, run_id)
         summary.update(_qa_fields(qa))
         if params.until == "qa":
             return _finish(reg, summary, started, stopped="qa")
@@ -139,6 +139,25 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         reg.finish_run(run_id, "failed", summary)
         raise
+
+
+def _generate_qa(settings: Settings, run_id: str):
+    """The QA stage on the task runner: one task with threads (the stage has its own bounded
+    concurrency), or one task per shard of the pending chunks on Dask, so generation spreads over
+    the cluster's workers. Each shard gets an equal part of the run's spend caps."""
+    from tasks.stages import merge_qa, qa_shards
+
+    shards = qa_shards(settings, settings.task_runner_workers) if settings.task_runner == "dask" else []
+    if len(shards) <= 1:
+        return t.generate_qa.submit(settings, run_id).result()
+    caps = {
+        name: max(1, value // len(shards))
+        for name in ("max_llm_calls", "max_llm_tokens")
+        if (value := getattr(settings, name))
+    }
+    shard_settings = settings.model_copy(update=caps)
+    futures = [t.generate_qa.submit(shard_settings, run_id, ids) for ids in shards]
+    return merge_qa([f.result() for f in futures])
 
 
 def _publish(settings: Settings, version: int) -> dict:

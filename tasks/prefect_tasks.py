@@ -28,9 +28,9 @@ def ingest(settings: Settings, source: Path, run_id: str) -> stages.IngestSummar
 
 
 @task(name="generate-qa", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def generate_qa(settings: Settings, run_id: str) -> stages.QASummary:
+def generate_qa(settings: Settings, run_id: str, chunk_ids: list[str] | None = None) -> stages.QASummary:
     # A retry is cheap: every response already paid for is in the registry's LLM cache.
-    return stages.qa_stage(settings, run_id, progress=_logger_progress())
+    return stages.qa_stage(settings, run_id, progress=_logger_progress(), chunk_ids=chunk_ids)
 
 
 @task(name="dedup-and-index", cache_policy=NO_CACHE)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -201,12 +201,25 @@ def make_generator(settings: Settings):
     return LocalQAGenerator(model, tokenizer, pairs_per_chunk=settings.qa_pairs_per_chunk)
 
 
-def qa_stage(settings: Settings, run_id: str, progress: Progress | None = None, generator=None) -> QASummary:
-    """QA pairs for every active chunk that has none yet (cache first; failures recorded for retry)."""
+def qa_stage(
+    settings: Settings,
+    run_id: str,
+    progress: Progress | None = None,
+    generator=None,
+    chunk_ids: Sequence[str] | None = None,
+) -> QASummary:
+    """QA pairs for every active chunk that has none yet (cache first; failures recorded for retry).
+
+    ``chunk_ids`` restricts the stage to those chunks: one shard of a run fanned out over a task
+    runner (see ``qa_shards``); the spend caps in ``settings`` then apply to the shard.
+    """
     from tasks.qa import RegistryCache, generate_for_chunks
 
     reg = Registry.from_settings(settings)
     chunks = reg.chunks_without_qa()
+    if chunk_ids is not None:
+        wanted = set(chunk_ids)
+        chunks = [c for c in chunks if c.chunk_id in wanted]
     out = QASummary(chunks_pending=len(chunks))
     if not chunks:
         _say(progress, "qa: no new chunks, no LLM call")
@@ -254,6 +267,34 @@ def qa_stage(settings: Settings, run_id: str, progress: Progress | None = None, 
         f"qa: {out.qa_generated} pairs kept, {out.qa_rejected} rejected by validation, {len(failed)} chunks "
         f"failed, {out.skipped_by_cap} left for the next run (spend cap); {out.llm_calls} LLM calls",
     )
+    return out
+
+
+def qa_shards(settings: Settings, shards: int) -> list[list[str]]:
+    """The pending chunks split into at most ``shards`` lists of ids (documents kept together, so
+    a document's chunks share one worker's cache warmth), for fanning QA out over a task runner."""
+    pending = Registry.from_settings(settings).chunks_without_qa()
+    by_doc: dict[str, list[str]] = {}
+    for c in pending:
+        by_doc.setdefault(c.doc_id, []).append(c.chunk_id)
+    out: list[list[str]] = [[] for _ in range(max(1, min(shards, len(pending))))]
+    for ids in sorted(by_doc.values(), key=len, reverse=True):  # largest first onto the lightest shard
+        min(out, key=len).extend(ids)
+    return [ids for ids in out if ids]
+
+
+def merge_qa(parts: Sequence[QASummary]) -> QASummary:
+    """One summary for a QA stage run as several shards."""
+    out = QASummary(chunks_pending=sum(p.chunks_pending for p in parts))
+    for p in parts:
+        out.generator = out.generator or p.generator
+        out.qa_generated += p.qa_generated
+        out.qa_rejected += p.qa_rejected
+        out.qa_failed += p.qa_failed
+        out.skipped_by_cap += p.skipped_by_cap
+        out.llm_calls += p.llm_calls
+        out.llm_tokens += p.llm_tokens
+        out.cache_hits += p.cache_hits
     return out
 
 

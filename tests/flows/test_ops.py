@@ -162,9 +162,18 @@ def test_refresh_fans_out_through_a_dask_local_cluster(
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
         monkeypatch.setenv("MORAL_TASK_RUNNER", "dask")
         monkeypatch.setenv("MORAL_DASK_ADDRESS", cluster.scheduler_address)
+        monkeypatch.setenv("MORAL_TASK_RUNNER_WORKERS", "2")
         get_settings.cache_clear()
         summary = run_refresh(RefreshParams(source=str(source_dir), until="qa"), quiet=True)
-        ran = set(cluster.scheduler.task_prefixes)
+        prefixes = cluster.scheduler.task_prefixes
+        ran = set(prefixes)
+        qa_tasks = prefixes["generate_qa"].state_counts["memory"] if "generate_qa" in prefixes else 0
     get_settings.cache_clear()
     assert summary["status"] == "completed" and summary["qa_generated"] > 0 and llm_endpoint.calls > 0
     assert "generate_qa" in ran, ran  # the QA task ran on the cluster
+    assert qa_tasks == 2, prefixes[
+        "generate_qa"
+    ].state_counts  # fanned out: one task per shard of the pending chunks (documents kept whole)
+    # Every pending chunk was covered exactly once across the shards.
+    reg = Registry.from_settings(get_settings())
+    assert reg.chunks_without_qa() == [] and summary["llm_calls"] == llm_endpoint.calls
