@@ -62,7 +62,11 @@ def ingest_stage(
     scan = scan_source(source, settings.max_file_mb)
     docs = reg.documents()
     known = {d.doc_id: d.path for d in docs}
-    active_paths = {d.path: d.doc_id for d in docs if d.status == "active"}
+    # Only documents under this source root can be found changed or deleted by its scan: documents
+    # ingested from another folder (another team's, an earlier batch's) stay as they are.
+    active_paths = {
+        d.path: d.doc_id for d in docs if d.status == "active" and Path(d.path).is_relative_to(source)
+    }
     status_of = {d.doc_id: d for d in docs}
     delta = plan_delta(scan.files, known, active_paths)
 

@@ -373,6 +373,28 @@ def test_changed_and_deleted_files_retire_their_chunks_and_pairs(settings, tmp_p
     assert "45 minutes" in " ".join(c.text for c in reg.chunks())
 
 
+def test_a_scan_only_retires_documents_under_its_own_source_root(settings, tmp_path):
+    """Successive refreshes may point at different folders (one per team, one per batch): a scan of
+    one folder never retires what came from another; a deletion inside it still does."""
+    from storage.registry import Registry
+    from tasks.stages import ingest_stage
+
+    first, second = tmp_path / "team-a", tmp_path / "team-b"
+    write(first / "a.md", "The Quillfeather Q7 weighs 1.8 kg and flies for 42 minutes.\n")
+    write(first / "a2.md", "The Quillfeather charger takes 90 minutes to fill a battery.\n")
+    write(second / "b.md", "The Heron API returns sightings grouped by lake and season.\n")
+    ingest_stage(settings, first, "run-1")
+    out = ingest_stage(settings, second, "run-2")
+    reg = Registry(settings.registry_path)
+    assert out.documents_retired == [] and out.documents_new == [str(second / "b.md")]
+    assert {Path(d.path).name for d in reg.documents(status="active")} == {"a.md", "a2.md", "b.md"}
+
+    (first / "a2.md").unlink()
+    out = ingest_stage(settings, first, "run-3")
+    assert out.documents_retired == [str(first / "a2.md")]
+    assert {Path(d.path).name for d in reg.documents(status="active")} == {"a.md", "b.md"}
+
+
 def test_quarantined_bytes_under_a_new_name_stay_quarantined(settings, tmp_path):
     from storage.registry import Registry
     from tasks.stages import ingest_stage
