@@ -23,6 +23,8 @@ OFFLINE_ENV: dict[str, str] = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
+    # transformers draws a "Loading weights" bar per model load: a dozen per refresh in the flow log.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
