@@ -43,6 +43,10 @@ ARMS = {
 }
 
 
+#: Size overrides from the command line (--epochs, --holdout-size, --bank-k), applied to every arm.
+SIZES: dict = {}
+
+
 def arm_settings(home: Path, quick: bool, overrides: dict) -> Settings:
     sizes = (
         {
@@ -56,7 +60,7 @@ def arm_settings(home: Path, quick: bool, overrides: dict) -> Settings:
         if quick
         else {"epochs": 5, "holdout_size": 40, "bank_k": 8}
     )
-    return Settings(home=home, **sizes, **overrides)
+    return Settings(home=home, **{**sizes, **SIZES}, **overrides)
 
 
 def copy_llm_cache(src: Path, dst_settings: Settings) -> int:
@@ -164,16 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/moral-ablation"), help="arms' data homes")
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run, not a measurement)")
     parser.add_argument("--arms", nargs="*", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--epochs", type=int, help="training epochs per refresh (default 5; 2 with --quick)")
+    parser.add_argument("--holdout-size", type=int, help="FanOutQA questions for world NLL (default 40)")
+    parser.add_argument("--bank-k", type=int, help="dev examples scoring each bank entry (default 8)")
     args = parser.parse_args(argv)
+    for name in ("epochs", "holdout_size", "bank_k"):
+        if getattr(args, name) is not None:
+            SIZES[name] = getattr(args, name)
     apply_runtime_env()
     args.work.mkdir(parents=True, exist_ok=True)
     rows, first = [], None
     for arm in args.arms:
         rows.append(run_arm(arm, args.work, args.quick, first))
+        print(f"[{arm}] result: {json.dumps(rows[-1])}", file=sys.stderr)  # kept if a later arm fails
         first = first or (args.work / arm / "registry.duckdb")
     settings = arm_settings(args.work / args.arms[0], args.quick, {})
     table = {
-        "command": "bench/ablation.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["bench/ablation.py", *(argv if argv is not None else sys.argv[1:])]),
         "sets": [s.name for s in SETS],
         "base_world_nll": round(world_nll(settings, None) or float("nan"), 4),
         "arms": rows,
