@@ -135,6 +135,17 @@ class VersionsMixin(Database):
                 ).fetchall()
         return {qa_id: role for qa_id, role in rows}
 
+    def settled_pairs(self) -> set[str]:
+        """QA pairs some version that reached users (promoted, or revoked after promotion) was
+        trained on. A rejected version's pairs are not settled: its knowledge never shipped, so the
+        next refresh trains on them again."""
+        with self.transaction() as con:
+            rows = con.execute(
+                "SELECT DISTINCT vp.qa_id FROM version_pairs vp JOIN adapter_versions av USING (version) "
+                "WHERE av.status IN ('promoted', 'revoked')"
+            ).fetchall()
+        return {qa_id for (qa_id,) in rows}
+
     def get_version(self, version: int | str) -> Version:
         with self.transaction() as con:
             return _get(con, version)

@@ -404,6 +404,23 @@ def usable_champion(reg: Registry, base_sha256: str) -> tuple[object | None, str
     return version, None
 
 
+def rejected_with_same_inputs(
+    reg: Registry, delta: list, replay: list, settings: Settings, kind: str, base_sha256: str
+) -> str | None:
+    """The rejected version trained on exactly these pairs, parameters and base model, if any:
+    training it again would rebuild the same adapter and be rejected again, night after night."""
+    from tasks.train import TrainPair, data_hash, train_params
+
+    pairs = [TrainPair(p.qa_id, p.question, p.answer, 0) for p in delta]
+    pairs += [TrainPair(p.qa_id, p.question, p.answer, 1) for p in replay]
+    dhash, params = data_hash(pairs), train_params(settings, kind)
+    for v in reg.list_versions(status="rejected"):
+        recorded = {k: val for k, val in (v.params or {}).items() if k != "bank_init"}
+        if v.data_hash == dhash and recorded == params and v.base_model_sha256 == base_sha256:
+            return v.name
+    return None
+
+
 def train_stage(
     settings: Settings, run_id: str, progress: Progress | None = None, kind: str = "moral"
 ) -> TrainSummary:
@@ -419,15 +436,25 @@ def train_stage(
         _say(progress, f"train: taking up candidate {v.name} left by an earlier run (no retraining)")
         return TrainSummary(version=v.version, resumed=True)
 
-    trained = reg.trained_pairs()
+    # The delta: train pairs no shipped version has learned. A rejected version's pairs come back
+    # (with whatever arrived since), so a rejection never loses knowledge for good.
+    settled = reg.settled_pairs()
     active_train = reg.qa_pairs(split="train")
-    delta = [p for p in active_train if p.qa_id not in trained]
+    delta = [p for p in active_train if p.qa_id not in settled]
     if not delta:
-        return TrainSummary(reason="no new training pairs since the last version: nothing to train")
+        return TrainSummary(reason="no new training pairs since the last promoted version: nothing to train")
     # Replay: earlier train pairs nearest the delta, near-duplicates dropped (tasks.replay).
-    replay, replay_choice = replay_for_delta(settings, delta, [p for p in active_train if p.qa_id in trained])
+    replay, replay_choice = replay_for_delta(settings, delta, [p for p in active_train if p.qa_id in settled])
 
     base_path, identity = base_model_identity(settings)
+    same = rejected_with_same_inputs(reg, delta, replay, settings, kind, identity["sha256"])
+    if same is not None:
+        return TrainSummary(
+            reason=(
+                f"{same} was trained on exactly these pairs with these parameters and rejected: nothing "
+                f"new to try (add documents, change a parameter, or `moral promote {same} --force`)"
+            )
+        )
     champion, _why = usable_champion(reg, identity["sha256"])
     warm = settings.warm_start and champion is not None and bool(champion.artifact_uri)
     selection, bank_reason = bank_for_delta(settings, reg, delta, base_path, identity["sha256"], warm, kind)
@@ -551,7 +578,7 @@ def build_suites(settings: Settings, reg: Registry, version: int) -> list:
     delta_docs = {active[q].doc_id for q, role in lineage.items() if role == "delta" and q in active}
     earlier_docs: set[str] = set()
     for v in reg.list_versions():
-        if v.version < version:
+        if v.version < version and v.status in ("promoted", "revoked"):  # knowledge that shipped
             earlier_docs |= {active[q].doc_id for q in reg.trained_pairs(v.version) if q in active}
     eval_pairs = reg.qa_pairs(split="eval")
     new = [p for p in eval_pairs if p.doc_id in delta_docs]

@@ -116,8 +116,20 @@ def test_train_stage_replays_the_selection_and_records_roles(settings, embedder,
     delta = [pair(q, a, doc="doc-new") for q, a in DELTA]
     reg.add_qa_pairs(earlier + delta, run_id="r0")
     reg.exclude_pairs([near2.qa_id], reason="wrong answer")  # excluded: never replayed
-    v1 = reg.create_version(run_id="r0", trained_pairs={p.qa_id: "delta" for p in earlier})
-    reg.decide_version(v1, "rejected", ["test"], actor="test")
+    # v1 shipped (promoted): its pairs are settled, so they are replay candidates, not delta.
+    from moe.base_model import model_identity
+    from tasks.train import TrainPair, train_candidate
+
+    sha = model_identity(tiny_model_dir)["sha256"]
+    art = train_candidate(s, tiny_model_dir, sha, [TrainPair(p.qa_id, p.question, p.answer) for p in earlier])
+    v1 = reg.create_version(
+        run_id="r0",
+        base_model_sha256=sha,
+        artifact_uri=str(art.artifact_dir),
+        artifact_sha256=art.sha256,
+        trained_pairs={p.qa_id: "delta" for p in earlier},
+    )
+    reg.decide_version(v1, "promoted", ["test"], actor="test")
     index(VectorStore(s, embedder), earlier + delta)
 
     summary = train_stage(s, "r1")

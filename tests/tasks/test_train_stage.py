@@ -69,3 +69,39 @@ def test_warm_start_trains_the_champion_experts(tiny_settings, tiny_model_dir):
     weights = "adapter_model.safetensors"
     assert (child.artifact_dir / weights).read_bytes() != (parent.artifact_dir / weights).read_bytes()
     assert child.metrics["steps"] >= 1
+
+
+def test_a_rejected_versions_pairs_are_trained_again_but_never_on_identical_inputs(tiny_settings, tmp_path):
+    """Rejection must not lose knowledge (its pairs return to the delta), and must not loop either:
+    the same pairs with the same parameters are not trained into the same adapter night after night."""
+    from storage.records import QAPair as PairRecord
+    from storage.registry import Registry
+    from tasks.stages import ingest_stage, train_stage
+
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "q7.md").write_text("The Quillfeather Q7 carries 2.4 kg and flies for 42 minutes.\n")
+    ingest_stage(tiny_settings, src, "run-0")
+    reg = Registry.from_settings(tiny_settings)
+    chunk = reg.chunks()[0]
+
+    def add(question: str, answer: str) -> None:
+        reg.add_qa_pairs([PairRecord.new(chunk.chunk_id, chunk.doc_id, question, answer, "train")])
+
+    add("What does the Q7 carry?", "2.4 kg")
+    add("How long does the Q7 fly?", "42 minutes")
+    first = train_stage(tiny_settings, "run-1")
+    assert first.version == 1 and first.delta_pairs == 2
+    reg.decide_version(1, "rejected", ["gate: no gain"], actor="test")
+
+    same = train_stage(tiny_settings, "run-2")
+    assert same.version is None and "v1 was trained on exactly these pairs" in same.reason
+
+    add("Which drone flies for 42 minutes?", "the Quillfeather Q7")
+    second = train_stage(tiny_settings, "run-3")
+    assert second.version == 2 and second.delta_pairs == 3  # v1's two pairs are back, plus the new one
+    assert set(reg.trained_pairs(2)) == {p.qa_id for p in reg.qa_pairs(split="train")}
+    reg.decide_version(2, "promoted", ["gate: better"], actor="test")
+
+    settled = train_stage(tiny_settings, "run-4")
+    assert settled.version is None and settled.reason.startswith("no new training pairs")
