@@ -249,11 +249,18 @@ class BankSelection:
 
 
 def dev_examples(reg: Registry, delta: list, k: int, seed: int) -> list:
-    """Up to ``k`` active ``dev`` pairs of the delta's documents (never ``eval``), in a seeded order."""
+    """Up to ``k`` active ``dev`` pairs of the delta's documents (never ``eval``), in a seeded order.
+
+    A small delta often has no ``dev`` pair at all (the split keeps about a tenth): its own
+    ``train`` pairs then stand in. They passed generation's validation and are trained on anyway;
+    the held-out ``eval`` pairs, which measure the result, are never used.
+    """
     import random
 
     docs = {p.doc_id for p in delta}
     dev = sorted((p for p in reg.qa_pairs(split="dev") if p.doc_id in docs), key=lambda p: p.qa_id)
+    if not dev:
+        dev = sorted(delta, key=lambda p: p.qa_id)
     random.Random(seed).shuffle(dev)
     return dev[:k]
 

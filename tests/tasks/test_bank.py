@@ -92,6 +92,15 @@ def test_dev_examples_never_use_the_eval_split(settings):
     assert dev_examples(reg, train, k=2, seed=0) == dev_examples(reg, train, k=2, seed=0)
 
 
+def test_a_delta_without_dev_pairs_is_scored_on_its_train_pairs_never_eval(settings):
+    reg = Registry.from_settings(settings)
+    train, _ = _seed_registry(reg, dev_and_eval=False)
+    reg.add_qa_pairs([QAPair.new("chunk-new", "doc-new", "Which gate does unit 9 use?", "G9.", "eval")])
+    chosen = dev_examples(reg, train, k=3, seed=0)
+    assert len(chosen) == 3 and {p.split for p in chosen} == {"train"}
+    assert {p.qa_id for p in chosen} <= {p.qa_id for p in train}
+
+
 @pytest.fixture
 def tiny(settings, tiny_model_dir: Path):
     return settings.model_copy(
