@@ -17,7 +17,6 @@ The scores and the choice, with a sentence explaining it, are written to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from storage.bank import BankEntry
+from storage.records import sha256_file
 from storage.registry import Registry
 from storage.settings import Settings
 
@@ -40,14 +40,6 @@ class BankError(ValueError):
 
 # --------------------------------------------------------------------------------------------------
 # registering external adapters
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def base_weight_shapes(base_path: Path) -> dict[str, list[int]]:
@@ -153,7 +145,7 @@ def validate_external(path: Path, base_path: Path, base_sha256: str, expert_rank
         "targets": sorted(set(used)),
         "rank": rank,
         "ignored_modules": len(ignored),
-        "weights_sha256": _sha256(path / WEIGHTS_NAME),
+        "weights_sha256": sha256_file(path / WEIGHTS_NAME),
         "base_model": recorded,
     }
 
@@ -192,7 +184,7 @@ def load_entry(entry: BankEntry) -> LoRA:
 
     directory = Path(entry.path)
     if entry.source == "external":
-        if entry.weights_sha256 and _sha256(directory / WEIGHTS_NAME) != entry.weights_sha256:
+        if entry.weights_sha256 and sha256_file(directory / WEIGHTS_NAME) != entry.weights_sha256:
             raise BankError(f"{directory}: the adapter's weights changed since it was registered")
         return read_peft_lora(directory)
     cfg = MoRALConfig.load(directory)

@@ -6,7 +6,6 @@ with a reason (never fatal to the run); the flow records those in the registry.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+from storage.records import sha256_file
 from tasks.chunking import Page
 from tasks.text import normalize_whitespace
 
@@ -68,14 +68,6 @@ class ParseError(Exception):
         self.reason = reason
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def scan_source(root: Path, max_file_mb: float) -> ScanResult:
     """Find the documents under `root` (recursively; a single file is also accepted).
 
@@ -108,7 +100,7 @@ def scan_source(root: Path, max_file_mb: float) -> ScanResult:
                 reason = f"file too large: {size / 2**20:.1f} MB > {max_file_mb} MB"
                 result.rejected.append(Quarantined(path, None, reason))
                 return
-            result.files.append(SourceFile(path, rel, _sha256_file(path), size, kind))
+            result.files.append(SourceFile(path, rel, sha256_file(path), size, kind))
         except OSError as exc:
             result.rejected.append(Quarantined(path, None, f"unreadable: {exc.strerror or exc}"))
 

@@ -405,14 +405,12 @@ def usable_champion(reg: Registry, base_sha256: str) -> tuple[object | None, str
 
 
 def rejected_with_same_inputs(
-    reg: Registry, delta: list, replay: list, settings: Settings, kind: str, base_sha256: str
+    reg: Registry, pairs: list, settings: Settings, kind: str, base_sha256: str
 ) -> str | None:
     """The rejected version trained on exactly these pairs, parameters and base model, if any:
     training it again would rebuild the same adapter and be rejected again, night after night."""
-    from tasks.train import TrainPair, data_hash, train_params
+    from tasks.train import data_hash, train_params
 
-    pairs = [TrainPair(p.qa_id, p.question, p.answer, 0) for p in delta]
-    pairs += [TrainPair(p.qa_id, p.question, p.answer, 1) for p in replay]
     dhash, params = data_hash(pairs), train_params(settings, kind)
     for v in reg.list_versions(status="rejected"):
         recorded = {k: val for k, val in (v.params or {}).items() if k != "bank_init"}
@@ -424,7 +422,7 @@ def rejected_with_same_inputs(
 def train_stage(
     settings: Settings, run_id: str, progress: Progress | None = None, kind: str = "moral"
 ) -> TrainSummary:
-    """Train a candidate on the train pairs no version has been trained on (plus replay), and register it."""
+    """Train a candidate on the train pairs no shipped version has learned (plus replay), and register it."""
     from tasks.bank import bank_for_delta, record_selection
     from tasks.replay import replay_for_delta
     from tasks.train import TrainPair, train_candidate
@@ -446,8 +444,11 @@ def train_stage(
     # Replay: earlier train pairs nearest the delta, near-duplicates dropped (tasks.replay).
     replay, replay_choice = replay_for_delta(settings, delta, [p for p in active_train if p.qa_id in settled])
 
+    pairs = [TrainPair(p.qa_id, p.question, p.answer, 0) for p in delta]
+    pairs += [TrainPair(p.qa_id, p.question, p.answer, 1) for p in replay]
+
     base_path, identity = base_model_identity(settings)
-    same = rejected_with_same_inputs(reg, delta, replay, settings, kind, identity["sha256"])
+    same = rejected_with_same_inputs(reg, pairs, settings, kind, identity["sha256"])
     if same is not None:
         return TrainSummary(
             reason=(
@@ -463,8 +464,6 @@ def train_stage(
             progress,
             f"train: experts 0-{len(selection.chosen) - 1} from the bank: {', '.join(selection.chosen)}",
         )
-    pairs = [TrainPair(p.qa_id, p.question, p.answer, 0) for p in delta]
-    pairs += [TrainPair(p.qa_id, p.question, p.answer, 1) for p in replay]
     _say(progress, f"train: {kind} adapter on {len(delta)} new and {len(replay)} replayed pairs")
 
     def on_step(info: dict) -> None:
