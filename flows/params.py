@@ -35,16 +35,30 @@ class RefreshParams(BaseModel):
     num_experts: int | None = Field(None, ge=1, description="LoRA experts per adapted linear.")
     top_k: int | None = Field(None, ge=1, description="Experts per token.")
     holdout_size: int | None = Field(
-        None, ge=0, description="FanOutQA world-knowledge holdout size (0 disables)."
+        None, ge=0, description="FanOutQA world-knowledge holdout size (0 needs gate_override)."
     )
-    gate_min_gain: float | None = Field(None, description="Minimum new-knowledge RA gain to promote.")
-    gate_max_nll_rise: float | None = Field(None, ge=0, description="Max relative world-knowledge NLL rise.")
-    gate_max_ra_drop: float | None = Field(None, ge=0, description="Max world-knowledge RA drop (points).")
+    drift_size: int | None = Field(
+        None, ge=0, description="General prompts measuring drift from the base model (0 needs gate_override)."
+    )
+    gate_min_gain: float | None = Field(
+        None, description="Minimum paraphrase strict-recall gain to promote (negative needs gate_override)."
+    )
+    gate_min_n: int | None = Field(
+        None, ge=1, description="Fewer paraphrase questions than this: rejected, too few to decide."
+    )
+    gate_max_nll_rise: float | None = Field(
+        None, ge=0, description="Max relative world-knowledge NLL rise (upper 95% bound)."
+    )
+    gate_max_drift: float | None = Field(
+        None, ge=0, description="Max relative drift on general prompts (upper 95% bound)."
+    )
     gate_max_retention_drop: float | None = Field(
-        None, ge=0, description="Max domain-retention RA drop (points)."
+        None, ge=0, description="Max domain-retention strict-recall drop (upper 95% bound)."
     )
-    gate_min_n_for_ci: int | None = Field(
-        None, ge=1, description="Below this many new-knowledge questions the margin alone decides."
+    gate_override: str | None = Field(
+        None,
+        description="Reason for running with a gate check weakened or off (audited, shown with every "
+        "decision of the version).",
     )
     fivel_size: int | None = Field(None, ge=0, description="Items per 5L-bench suite (0 disables them).")
     require_approval: bool | None = Field(
@@ -70,10 +84,10 @@ class RefreshParams(BaseModel):
     def overrides(self) -> dict:
         """The settings this run overrides (fields left unset are not included)."""
         keys = {
-            "qa_backend", "epochs", "learning_rate", "num_experts", "top_k", "holdout_size", "gate_min_gain",
-            "gate_max_nll_rise", "gate_max_ra_drop", "gate_max_retention_drop", "max_llm_calls", "max_llm_tokens",
-            "replay_budget", "bank_init", "loramoe",
-            "gate_min_n_for_ci", "fivel_size", "require_approval", "approval_timeout_s",
+            "qa_backend", "epochs", "learning_rate", "num_experts", "top_k", "holdout_size", "drift_size",
+            "gate_min_gain", "gate_min_n", "gate_max_nll_rise", "gate_max_drift", "gate_max_retention_drop",
+            "gate_override", "max_llm_calls", "max_llm_tokens", "replay_budget", "bank_init", "loramoe",
+            "fivel_size", "require_approval", "approval_timeout_s",
             "home",
         }  # fmt: skip
         return {k: v for k, v in self.model_dump().items() if k in keys and v is not None}

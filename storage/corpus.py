@@ -399,6 +399,24 @@ class CorpusMixin(Database):
             QAPair, f"SELECT * FROM qa_pairs {where(clauses)} ORDER BY created_at, qa_id", params
         )
 
+    def hold_out_paraphrases(self, qa_ids: Sequence[str], run_id: str | None = None) -> int:
+        """Move these never-trained ``train`` pairs to ``eval`` (paraphrase questions of trained facts:
+        see ``tasks.splits``); a pair that some version was trained on is never moved."""
+        if not qa_ids:
+            return 0
+        with self.transaction() as con:
+            moved = [
+                r[0]
+                for r in con.execute(
+                    "UPDATE qa_pairs SET split = 'eval' WHERE list_contains(?::VARCHAR[], qa_id) AND split = 'train' "
+                    "AND qa_id NOT IN (SELECT qa_id FROM version_pairs) RETURNING qa_id",
+                    [list(qa_ids)],
+                ).fetchall()
+            ]
+            if moved:
+                event(con, "qa.held_out", run_id=run_id, detail={"count": len(moved), "kind": "paraphrase"})
+            return len(moved)
+
     def mark_duplicates(self, pairs: Iterable[tuple[str, str]], run_id: str | None = None) -> int:
         """Mark ``(qa_id, duplicate_of)`` pairs as duplicates; return how many changed."""
         items = [(q, d) for q, d in dict(pairs).items() if q != d]
@@ -604,6 +622,7 @@ def _insert_pairs(con: Any, pairs: Iterable[QAPair], run_id: str | None) -> int:
             p.prompt_version,
             p.run_id or run_id,
             now,
+            p.fact_id,
         )
         for p in unique(pairs, lambda p: p.qa_id)
     ]
@@ -621,6 +640,7 @@ def _insert_pairs(con: Any, pairs: Iterable[QAPair], run_id: str | None) -> int:
         ("prompt_version", "VARCHAR"),
         ("run_id", "VARCHAR"),
         ("created_at", "TIMESTAMP"),
+        ("fact_id", "VARCHAR"),
     ]
     added = bulk_insert(con, "qa_pairs", columns, rows)
     if added:

@@ -123,10 +123,35 @@ CREATE TABLE bank_entries (
 )
 """
 
+
+def _facts_and_keys(con: duckdb.DuckDBPyConnection) -> None:
+    """Every pair gets its ``fact_id``; question keys are re-derived with the one normalisation of
+    ``storage.text`` (decimal points and signs kept, thousands separators unified). Splits are not
+    rewritten: the evaluation never scores a pair whose fact was trained unless it is a far paraphrase."""
+    from storage.records import fact_id_for
+    from storage.text import normalize_question
+
+    con.execute("ALTER TABLE qa_pairs ADD COLUMN fact_id TEXT")
+    rows = con.execute("SELECT qa_id, doc_id, question, answer FROM qa_pairs").fetchall()
+    if rows:
+        con.execute("CREATE TEMP TABLE _keys (qa_id TEXT, fact_id TEXT, question_norm TEXT)")
+        con.executemany(
+            "INSERT INTO _keys VALUES (?, ?, ?)",
+            [(q, fact_id_for(d, a), normalize_question(text)) for q, d, text, a in rows],
+        )
+        con.execute(
+            "UPDATE qa_pairs SET fact_id = k.fact_id, question_norm = k.question_norm FROM _keys k "
+            "WHERE qa_pairs.qa_id = k.qa_id"
+        )
+        con.execute("DROP TABLE _keys")
+    con.execute("CREATE INDEX qa_pairs_fact ON qa_pairs (fact_id)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "version lineage: pairs trained on", _VERSION_PAIRS),
     Migration(6, "adapter bank: registered external LoRA adapters", _BANK_ENTRIES),
+    Migration(7, "fact ids; question keys under the one answer normalisation", _facts_and_keys),
 )
 
 

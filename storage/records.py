@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from storage.text import fact_key, normalize_question
+
 DocStatus = Literal["active", "retired", "quarantined"]
 QAStatus = Literal["active", "duplicate", "excluded", "retired"]
 Split = Literal["train", "dev", "eval"]
@@ -48,8 +50,10 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 
-def normalize_text(text: str) -> str:
-    """Case-, punctuation- and whitespace-insensitive form used for exact dedup and ids."""
+def _id_text(text: str) -> str:
+    """The text a ``qa_id`` hashes. Ids are identifiers, not comparisons: this formula is frozen
+    because ids are stored in the registry, the lineage, Chroma and training-artifact keys. What
+    counts as the same answer or question is :mod:`storage.text`'s business."""
     text = unicodedata.normalize("NFKC", text).casefold()
     return _NON_WORD.sub(" ", text).strip()
 
@@ -64,7 +68,12 @@ def chunk_id_for(doc_id: str, idx: int, text: str) -> str:
 
 
 def qa_id_for(question: str, answer: str, chunk_id: str) -> str:
-    return _hash_fields(normalize_text(question), normalize_text(answer), chunk_id)
+    return _hash_fields(_id_text(question), _id_text(answer), chunk_id)
+
+
+def fact_id_for(doc_id: str, answer: str) -> str:
+    """The fact a pair asks about: its document and the value of its answer (``storage.text.fact_key``)."""
+    return _hash_fields("fact", doc_id, fact_key(answer))[:32]
 
 
 def parse_version(value: int | str) -> int:
@@ -165,6 +174,11 @@ class QAPair:
     prompt_version: str | None = None
     run_id: str | None = None
     created_at: datetime | None = None
+    fact_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.fact_id:
+            object.__setattr__(self, "fact_id", fact_id_for(self.doc_id, self.answer))
 
     @classmethod
     def new(
@@ -193,7 +207,7 @@ class QAPair:
 
     @property
     def question_norm(self) -> str:
-        return normalize_text(self.question)
+        return normalize_question(self.question)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ from storage.records import (
     Run,
     Version,
     format_version,
-    normalize_text,
     parse_version,
 )
 from storage.versions import VersionsMixin
@@ -57,7 +56,6 @@ __all__ = [
     "Run",
     "Version",
     "format_version",
-    "normalize_text",
     "parse_version",
 ]
 

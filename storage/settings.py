@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Environment defaults for running offline: hub loads by name fail fast, Chroma sends no telemetry.
@@ -126,20 +126,41 @@ class Settings(BaseSettings):
     # --- evaluation and the gate ------------------------------------------------------------
     eval_max_new_tokens: int = Field(24, ge=1, description="Tokens generated per evaluation answer.")
     recall_sample: int = Field(30, ge=0, description="Trained pairs re-asked to measure recall.")
-    holdout_size: int = Field(40, ge=0, description="FanOutQA world-knowledge holdout sample size.")
+    holdout_size: int = Field(
+        40, ge=0, description="FanOutQA world-knowledge holdout sample size (0 needs gate_override)."
+    )
+    drift_size: int = Field(
+        60,
+        ge=0,
+        description="General prompts (FanOutQA questions outside the holdout, then the shipped general "
+        "instructions) whose base-model answers measure drift (0 needs gate_override).",
+    )
     gate_min_gain: float = Field(
-        0.05, description="Minimum new-knowledge RA gain over the champion to promote."
+        0.05,
+        description="Minimum gain of paraphrase-question strict recall over the champion (or the base) to "
+        "promote; the paired 95% lower bound must also be > 0 (negative needs gate_override).",
+    )
+    gate_min_n: int = Field(
+        30, ge=1, description="Fewer paraphrase questions than this: rejected, too few to decide."
     )
     gate_max_nll_rise: float = Field(
-        0.25, ge=0, description="Max relative rise of world-knowledge NLL (0.25 = +25%)."
+        0.10,
+        ge=0,
+        description="Max relative rise of world-knowledge answer NLL (format-neutral), upper 95% bound.",
     )
-    gate_max_ra_drop: float = Field(
-        0.05, ge=0, description="Max drop of world-knowledge RA, in absolute points."
+    gate_max_drift: float = Field(
+        0.02,
+        ge=0,
+        description="Max relative rise of the NLL of the base model's own answers to general prompts "
+        "(drift), upper 95% bound.",
     )
-    gate_max_retention_drop: float = Field(0.10, ge=0, description="Max drop of domain-retention RA.")
-
-    gate_min_n_for_ci: int = Field(
-        30, ge=1, description="Below this many new-knowledge questions the margin alone decides (no CI)."
+    gate_max_retention_drop: float = Field(
+        0.10, ge=0, description="Max drop of domain-retention strict recall, upper 95% bound."
+    )
+    gate_override: str | None = Field(
+        None,
+        description="A reason that allows settings which switch a gate check off (audited, shown with "
+        "every decision of the version).",
     )
     fivel_size: int = Field(
         12, ge=0, description="Items per 5L-bench suite (Faith, Filter, RR); 0 disables them."
@@ -176,6 +197,35 @@ class Settings(BaseSettings):
         None,
         description="Dask scheduler address (tcp://host:8786); unset with 'dask' starts a local cluster.",
     )
+
+    @model_validator(mode="after")
+    def _gate_meaningful(self) -> Settings:
+        if self.gate_override is not None and not self.gate_override.strip():
+            raise ValueError("gate_override needs a reason (MORAL_GATE_OVERRIDE='why')")
+        if not self.gate_override and (problems := self.gate_weakened()):
+            raise ValueError(
+                "these settings switch a gate check off or make it meaningless: "
+                + "; ".join(problems)
+                + ". Set gate_override (MORAL_GATE_OVERRIDE) to a reason to run anyway (audited)."
+            )
+        return self
+
+    def gate_weakened(self) -> list[str]:
+        """The settings that switch a gate check off or make it meaningless, in words."""
+        out = []
+        if self.gate_min_gain < 0:
+            out.append(f"gate_min_gain={self.gate_min_gain} is negative (a worse adapter would pass)")
+        if self.holdout_size == 0:
+            out.append("holdout_size=0 disables the world-knowledge forgetting check")
+        if self.drift_size == 0:
+            out.append("drift_size=0 disables the drift check")
+        if self.gate_max_nll_rise >= 1:
+            out.append(f"gate_max_nll_rise={self.gate_max_nll_rise} allows the NLL to double")
+        if self.gate_max_drift >= 1:
+            out.append(f"gate_max_drift={self.gate_max_drift} allows the drift NLL to double")
+        if self.gate_max_retention_drop >= 1:
+            out.append(f"gate_max_retention_drop={self.gate_max_retention_drop} allows losing all retention")
+        return out
 
     @field_validator("refresh_timezone", mode="after")
     @classmethod

@@ -318,6 +318,20 @@ class VectorStore:
             col.update(ids=part, metadatas=[dict(updates) for _ in part])
         return len(targets)
 
+    def update_metadatas(
+        self, collection: str, ids: Sequence[str], metadatas: Sequence[Mapping[str, Any]]
+    ) -> int:
+        """Merge one metadata update per record (ids that do not exist are skipped); return how many."""
+        if len(ids) != len(metadatas):
+            raise VectorStoreError("ids and metadatas must have the same length")
+        wanted = dict(zip(ids, metadatas, strict=True))
+        targets = self.ids(collection, ids=list(wanted))
+        col = self.collection(collection)
+        for start in range(0, len(targets), self.max_batch_size):
+            part = targets[start : start + self.max_batch_size]
+            col.update(ids=part, metadatas=[clean_metadata(wanted[i]) for i in part])
+        return len(targets)
+
     def count(self, collection: str, where: Where | None = None) -> int:
         if where is None:
             return self.collection(collection).count()

@@ -12,14 +12,13 @@ smaller qa_id (deterministic). Against the index, the indexed pair always wins (
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from tasks.text import contains_span, normalize_answer, qa_key, token_f1
+from tasks.text import contains_span, normalize_answer, numbers, qa_key, token_f1
 
 QA_COLLECTION = "qa_pairs"  # storage.vectors.QA_PAIRS
 _IN_BATCH = 500  # ids / keys per Chroma filter
@@ -57,7 +56,7 @@ def answers_agree(a: str, b: str) -> bool:
     na, nb = normalize_answer(a), normalize_answer(b)
     if na == nb:
         return True
-    if sorted(re.findall(r"\d+", na)) != sorted(re.findall(r"\d+", nb)):
+    if sorted(numbers(na)) != sorted(numbers(nb)):
         return False
     return contains_span(na, nb) or contains_span(nb, na) or token_f1(na, nb) >= 0.5
 

@@ -1,15 +1,20 @@
 """Evaluate stage: base, champion and candidate on the same suites, each in batched passes.
 
-Suites (closed-book unless noted):
+Suites (closed-book unless noted; see ``tasks.stages.build_suites`` and ``tasks.splits``):
 
-* ``new_knowledge`` — the delta's held-out ``eval`` pairs (never trained on); also open-book, with
-  the top chunks retrieved from Chroma in the prompt, when contexts are supplied;
+* ``paraphrase`` — facts trained as QA, asked in a wording far from every trained one (the gate's);
+* ``unseen`` — facts of the delta's documents that no trained pair asks about;
+  both also open-book, with the top chunks retrieved from Chroma in the prompt;
 * ``retention`` — held-out pairs of earlier deltas (domain retention);
-* ``world_knowledge`` — the FanOutQA holdout, for forgetting: RA and gold-answer NLL;
+* ``world_knowledge`` — the FanOutQA holdout, for forgetting: RA and gold-answer NLL in a
+  format-neutral prompt (``Question: …\nAnswer:``), so a terser answer format is not "knowledge";
+* ``drift`` — the base model's own greedy answers to general prompts, scored by NLL under each model
+  (the base scores its own answers: an adapter that leaves unrelated prompts alone has drift ≈ 0);
 * ``faith`` / ``filter`` / ``refusal`` — the 5L-bench suites built in :mod:`tasks.fivel`.
 
-Per-item values are returned so the gate can bootstrap paired differences.  Metric ``ra`` is
-"gold contained in the answer" on SQuAD-normalised text; ``ra_em`` and ``ra_f1`` are kept too.
+Per-item values are returned so the gate can bootstrap paired differences.  Metric ``ra_strict`` is
+the strict recall of :mod:`tasks.metrics` (the gate's); ``ra`` ("gold contained in the answer"),
+``ra_em`` and ``ra_f1`` are kept as secondary metrics.
 Suites flagged with ``extras`` also get ``qr`` (cosine between the question's and the answer's
 MiniLM embeddings) and ``fl`` (perplexity of the answer, given the question, under the *base*
 model: the adapter is switched off to score, so every model is judged by the same reference LM).
@@ -25,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from tasks.metrics import bootstrap_ci, cosine_rows, faithful, gold_contained, is_refusal, mean, score_answers
+from tasks.metrics import cosine_rows, faithful, gold_contained, interval, is_refusal, mean, score_answers
 
 Embed = Callable[[Sequence[str]], np.ndarray]  # texts -> [n, d] embeddings
 
@@ -36,9 +41,11 @@ class EvalItem:
     answer: str
     context: str | tuple[str, ...] | None = None  # one text, or passages numbered in the prompt
     original: str | None = None  # Faith items: the gold answer the counterfactual replaced
+    aliases: tuple[str, ...] = ()  # other ways of writing the gold (the same value)
+    ref: str | None = None  # what the item is about (a fact id, a document), for per-item reports
 
 
-SuiteKind = Literal["qa", "faith", "filter", "refusal"]
+SuiteKind = Literal["qa", "faith", "filter", "refusal", "drift"]
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Suite:
     kind: SuiteKind = "qa"  # which scorer applies (see score_suite)
     system: str | None = None  # system prompt for this suite's questions
     extras: tuple[str, ...] = ()  # per-answer extras: "qr", "fl"
+    chat: bool = True  # NLL in the chat template (False: the format-neutral plain prompt)
 
     @property
     def key(self) -> str:
@@ -75,7 +83,7 @@ def score_suite(suite: Suite, answers: Sequence[str]) -> dict[str, list[float]]:
         return {"filter": [gold_contained(a, it.answer) for a, it in zip(answers, items, strict=True)]}
     if suite.kind == "refusal":
         return {"rr": [is_refusal(a) for a in answers]}
-    per_item = score_answers(answers, [it.answer for it in items])
+    per_item = score_answers(answers, [it.answer for it in items], [it.aliases for it in items])
     per_item["ra"] = per_item["ra_contains"]
     return per_item
 
@@ -113,6 +121,14 @@ def evaluate_model(
         questions = [it.question for it in suite.items]
         golds = [it.answer for it in suite.items]
         contexts = [it.context for it in suite.items] if suite.mode == "open" else None
+        if suite.kind == "drift":  # the answers are the base model's: only their NLL is scored
+            scores[suite.key] = {
+                "nll": answer_nll(
+                    model, tokenizer, questions, golds, batch_size=batch_size, system=suite.system
+                )
+            }
+            preds[suite.key] = golds
+            continue
         answers = generate_answers(
             model,
             tokenizer,
@@ -125,7 +141,7 @@ def evaluate_model(
         per_item = score_suite(suite, answers)
         if suite.nll:
             per_item["nll"] = answer_nll(
-                model, tokenizer, questions, golds, contexts=contexts, batch_size=batch_size
+                model, tokenizer, questions, golds, contexts=contexts, batch_size=batch_size, chat=suite.chat
             )
         if "qr" in suite.extras and embed is not None:
             per_item["qr"] = query_relevance(embed, questions, answers)
@@ -152,6 +168,7 @@ def evaluate_adapters(
     batch_size: int = 16,
     embed: Embed | None = None,
     progress: Callable[[str], None] | None = None,
+    drift_max_new_tokens: int = 48,
 ) -> EvalOutput:
     """The base model (scored with the first adapter switched off) and each named adapter.
 
@@ -163,7 +180,11 @@ def evaluate_adapters(
     say = progress or (lambda _msg: None)
     out = EvalOutput(scores={}, predictions={})
 
+    suites = list(suites)
+
     def record(model_name: str, model, tokenizer) -> None:
+        if model_name == "base":
+            suites[:] = with_base_answers(model, tokenizer, suites, max_new_tokens=drift_max_new_tokens)
         say(f"evaluating {model_name}")
         sc, pr = evaluate_model(
             model, tokenizer, suites, max_new_tokens=max_new_tokens, batch_size=batch_size, embed=embed
@@ -184,6 +205,28 @@ def evaluate_adapters(
                 record("base", model, tokenizer)
         record(name, model, tokenizer)
         del model, base
+    return out
+
+
+def with_base_answers(model, tokenizer, suites: Sequence[Suite], *, max_new_tokens: int = 48) -> list[Suite]:
+    """Drift suites whose items have no answer yet get the base model's own greedy answers (``model``
+    must run as the base model here)."""
+    from dataclasses import replace
+
+    from moe.infer import generate_answers
+
+    out = []
+    for suite in suites:
+        todo = [it for it in suite.items if not it.answer]
+        if suite.kind != "drift" or not todo:
+            out.append(suite)
+            continue
+        answers = generate_answers(
+            model, tokenizer, [it.question for it in todo], max_new_tokens=max_new_tokens, system=suite.system
+        )
+        filled = iter(answers)
+        items = [replace(it, answer=next(filled) or " ") if not it.answer else it for it in suite.items]
+        out.append(replace(suite, items=items))
     return out
 
 
@@ -235,7 +278,7 @@ def evaluation_rows(output: EvalOutput, suites: Sequence[Suite], seed: int = 0) 
         suite, mode = modes.get(key, (key, "closed"))
         for model_name, metrics in by_model.items():
             for metric, values in metrics.items():
-                low, high = bootstrap_ci(values, seed=seed)
+                low, high = interval(values, seed=seed)
                 rows.append(
                     {
                         "model": model_name,

@@ -53,9 +53,32 @@ def all_single_hop_pairs() -> tuple[HoldoutPair, ...]:
     return tuple(sorted(unique.values(), key=lambda p: p.id))
 
 
-def holdout_sample(size: int, seed: int = 0) -> list[HoldoutPair]:
-    """A fixed, seeded sample of ``size`` single-hop pairs (the same for every version)."""
+def _shuffled(seed: int) -> list[HoldoutPair]:
     pairs = list(all_single_hop_pairs())
-    rng = random.Random(seed)
-    rng.shuffle(pairs)
-    return pairs[: max(0, size)]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def holdout_sample(size: int, seed: int = 0) -> list[HoldoutPair]:
+    """A fixed, seeded sample of ``size`` single-hop pairs (the same for every version): the front
+    of one seeded shuffle; the drift prompts come from its back, so the two never overlap."""
+    return _shuffled(seed)[: max(0, size)]
+
+
+DRIFT_FILE = Path(__file__).parent / "data" / "drift_prompts.txt"
+
+
+def general_prompts(path: Path = DRIFT_FILE) -> list[str]:
+    """The shipped general instructions (comments and blank lines skipped)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def drift_prompts(size: int, seed: int = 0) -> list[str]:
+    """``size`` fixed general prompts for the drift check: the shipped instructions first (up to half),
+    then FanOutQA questions from the back of the holdout's shuffle (never in the holdout)."""
+    if size <= 0:
+        return []
+    general = general_prompts()[: (size + 1) // 2]
+    questions = [p.question for p in reversed(_shuffled(seed))][: size - len(general)]
+    return general + questions

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.text import KEY_VERSION
 from tasks.dedup import embedding_text
 from tasks.text import qa_key
 
@@ -93,6 +94,8 @@ def index_qa(store: Any, pairs: Sequence[Any], embeddings: np.ndarray, run_id: s
             "question": p.question,
             "answer": p.answer,
             "qa_key": qa_key(p.question, p.answer),
+            "fact_id": p.fact_id,
+            "key_version": KEY_VERSION,
             "generator": getattr(p, "generator", None),
             "prompt_version": getattr(p, "prompt_version", None),
             "run_id": run_id,
@@ -102,6 +105,32 @@ def index_qa(store: Any, pairs: Sequence[Any], embeddings: np.ndarray, run_id: s
     ]
     texts = [embedding_text(p.question, p.answer) for p in pairs]
     return _add_new(store, QA_PAIRS, [p.qa_id for p in pairs], texts, metas, embeddings)
+
+
+def qa_key_updates(pairs: Sequence[Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The metadata that indexed pairs keyed under an older normalisation need (ids, updates)."""
+    ids = [p.qa_id for p in pairs]
+    metas = [
+        {
+            "qa_key": qa_key(p.question, p.answer),
+            "fact_id": p.fact_id,
+            "split": p.split,
+            "key_version": KEY_VERSION,
+        }
+        for p in pairs
+    ]
+    return ids, metas
+
+
+def migrate_qa_keys(store: Any, pairs: Sequence[Any], present: set[str]) -> int:
+    """Re-key indexed pairs written before ``storage.text.KEY_VERSION`` (their dedup key and fact id);
+    returns how many records changed. Cheap when nothing is old: one id lookup."""
+    current = set(store.ids(QA_PAIRS, where={"key_version": KEY_VERSION})) if present else set()
+    old = [p for p in pairs if p.qa_id in present and p.qa_id not in current]
+    if not old:
+        return 0
+    ids, metas = qa_key_updates(old)
+    return store.update_metadatas(QA_PAIRS, ids, metas)
 
 
 def set_status(store: Any, doc_ids: Sequence[str], status: str) -> int:

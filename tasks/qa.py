@@ -16,8 +16,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from storage.records import qa_id_for
+from storage.records import fact_id_for, qa_id_for
 from tasks.chunking import split_sentences
+from tasks.splits import fact_split
 from tasks.text import (
     normalize_answer,
     normalize_question,
@@ -57,17 +58,6 @@ def __getattr__(name: str) -> Any:
 # Pairs, splits, validation
 
 
-def assign_split(question: str, dev_frac: float = 0.1, eval_frac: float = 0.2) -> str:
-    """'train' | 'dev' | 'eval', deterministic in the normalised question (a rephrased duplicate of an
-    eval question with the same wording lands in eval too, never in train)."""
-    u = int(stable_hash(normalize_question(question), length=12), 16) / 16**12
-    if u < eval_frac:
-        return "eval"
-    if u < eval_frac + dev_frac:
-        return "dev"
-    return "train"
-
-
 @dataclass
 class QAPair:
     question: str
@@ -78,12 +68,15 @@ class QAPair:
     prompt_version: str
     qa_id: str = ""
     split: str = ""
+    fact_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.qa_id:  # the registry's definition: normalised question + answer + chunk
             self.qa_id = qa_id_for(self.question, self.answer, self.chunk_id)
-        if not self.split:
-            self.split = assign_split(self.question)
+        if not self.fact_id:
+            self.fact_id = fact_id_for(self.doc_id, self.answer)
+        if not self.split:  # per fact; the index stage may hold a far wording out as a paraphrase
+            self.split = fact_split(self.fact_id)
 
     @property
     def key(self) -> str:

@@ -251,7 +251,7 @@ def qa_stage(
     records = [
         QARecord(
             p.qa_id, p.chunk_id, p.doc_id, p.question, p.answer, p.split,  # type: ignore[arg-type]
-            generator=p.generator, prompt_version=p.prompt_version, run_id=run_id,
+            generator=p.generator, prompt_version=p.prompt_version, run_id=run_id, fact_id=p.fact_id,
         )
         for p in result.pairs
     ]  # fmt: skip
@@ -313,13 +313,48 @@ class IndexSummary:
     qa_duplicates: int = 0
     retired_vectors: int = 0
     restored_vectors: int = 0
+    qa_held_out: int = 0  # new train-fact wordings held out as paraphrase eval questions
+    qa_rekeyed: int = 0  # indexed pairs re-keyed under the current answer normalisation
+
+
+def hold_out_paraphrases(
+    reg: Registry, store, new: Sequence, known: Sequence, run_id: str
+) -> tuple[list, int]:
+    """The new pairs, with one far wording of each train fact moved to ``eval`` (``tasks.splits``),
+    compared with the fact's other new wordings and with its wordings already stored as train; and
+    how many were moved."""
+    from dataclasses import replace
+
+    from tasks.splits import choose_paraphrases, normalised_rows
+
+    facts: dict[str, list[int]] = {}
+    for i, p in enumerate(new):
+        if p.split == "train":
+            facts.setdefault(p.fact_id, []).append(i)
+    if not facts:
+        return list(new), 0
+    new_ids = {p.qa_id for p in new}
+    old = [p for p in known if p.fact_id in facts and p.split == "train" and p.qa_id not in new_ids]
+    emb = normalised_rows(store.embedder.encode([p.question for p in new] + [p.question for p in old]))
+    old_rows: dict[str, list[int]] = {}
+    for j, p in enumerate(old):
+        old_rows.setdefault(p.fact_id, []).append(len(new) + j)
+    trained = {f: ([old[r - len(new)].question for r in rows], emb[rows]) for f, rows in old_rows.items()}
+    chosen = choose_paraphrases(facts, [p.question for p in new], emb[: len(new)], trained)
+    if reg.hold_out_paraphrases([new[i].qa_id for i in chosen], run_id=run_id) != len(chosen):
+        held = {p.qa_id for p in reg.qa_pairs(split="eval", ids=[new[i].qa_id for i in chosen])}
+        chosen = [i for i in chosen if new[i].qa_id in held]  # a pair some version trained on stays
+    out = list(new)
+    for i in chosen:
+        out[i] = replace(new[i], split="eval")
+    return out, len(chosen)
 
 
 def index_stage(settings: Settings, run_id: str, progress: Progress | None = None) -> IndexSummary:
     """Dedup the pairs not yet indexed (within the batch and against Chroma), then upsert pairs and chunks."""
     from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
     from tasks.dedup import dedup_pairs, embedding_text
-    from tasks.index import index_chunks, index_qa, restore, retire
+    from tasks.index import index_chunks, index_qa, migrate_qa_keys, restore, retire
 
     reg = Registry.from_settings(settings)
     store = VectorStore(settings)
@@ -344,7 +379,9 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         out.qa_duplicates = len(result.duplicates)
         keep = {p.qa_id for p in result.kept}
         rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
-        out.qa_indexed = index_qa(store, [new_pairs[i] for i in rows], embeddings[rows], run_id)
+        kept, out.qa_held_out = hold_out_paraphrases(reg, store, [new_pairs[i] for i in rows], pairs, run_id)
+        out.qa_indexed = index_qa(store, kept, embeddings[rows], run_id)
+    out.qa_rekeyed = migrate_qa_keys(store, pairs, present_pairs)
     if new_chunks:
         _say(progress, f"index: embedding {len(new_chunks)} new chunks")
         docs = {d.doc_id: d for d in reg.documents()}
@@ -558,19 +595,66 @@ def save_training_log(settings: Settings, version: int, metrics: dict) -> Path:
     return path
 
 
+def held_out_suites(settings: Settings, reg: Registry, version: int) -> dict[str, list]:
+    """The delta's eval pairs as the two held-out suites, re-checked against every pair any version
+    was trained on (``tasks.splits``):
+
+    * ``paraphrase`` — eval pairs of a trained fact, far (Jaccard ≤ 0.5 and cosine ≤ 0.85) from every
+      trained wording of it; a closer one is dropped, never scored;
+    * ``unseen`` — eval pairs of a fact no trained pair asks about, nor any trained pair of the same
+      document with an agreeing answer.
+    """
+    from storage.vectors import Embedder
+    from tasks.dedup import answers_agree
+    from tasks.splits import far_apart, normalised_rows
+
+    lineage = reg.trained_pairs(version)
+    everything = {p.qa_id: p for p in reg.qa_pairs(status=None)}
+    trained_ids = set(lineage) | set(reg.trained_pairs())
+    trained = [everything[q] for q in sorted(trained_ids) if q in everything]
+    delta_docs = {everything[q].doc_id for q, role in lineage.items() if role == "delta" and q in everything}
+    by_fact: dict[str, list] = {}
+    by_doc: dict[str, list] = {}
+    for p in trained:
+        by_fact.setdefault(p.fact_id, []).append(p)
+        by_doc.setdefault(p.doc_id, []).append(p)
+    candidates = [p for p in reg.qa_pairs(split="eval") if p.doc_id in delta_docs]
+    out: dict[str, list] = {"paraphrase": [], "unseen": []}
+    if not candidates:
+        return out
+    fact_of = {}
+    for p in candidates:
+        if p.fact_id in by_fact:
+            fact_of[p.qa_id] = by_fact[p.fact_id]
+        elif agreeing := [t for t in by_doc.get(p.doc_id, ()) if answers_agree(t.answer, p.answer)]:
+            fact_of[p.qa_id] = agreeing
+    texts = sorted({p.question for p in candidates} | {t.question for ts in fact_of.values() for t in ts})
+    row = {t: i for i, t in enumerate(texts)}
+    emb = normalised_rows(Embedder.from_settings(settings).encode(texts))
+    for p in candidates:
+        wordings = fact_of.get(p.qa_id)
+        if wordings is None:
+            out["unseen"].append(p)
+        elif far_apart(p.question, [t.question for t in wordings], emb[row[p.question]],
+                       emb[[row[t.question] for t in wordings]]):  # fmt: skip
+            out["paraphrase"].append(p)
+    return out
+
+
 def build_suites(settings: Settings, reg: Registry, version: int) -> list:
     """The evaluation suites for a candidate, each document suite closed- and open-book:
 
-    * ``new_knowledge`` — held-out ``eval`` pairs of the documents in its delta;
+    * ``paraphrase`` / ``unseen`` — the delta's held-out questions (see ``held_out_suites``);
     * ``trained_recall`` — a sample of the delta pairs it was trained on;
     * ``retention`` — held-out ``eval`` pairs of documents that *earlier* versions were trained on
       (whether or not this version replayed them), for domain retention;
-    * ``faith`` / ``filter`` / ``refusal`` — the 5L-bench suites from the delta's eval pairs;
-    * ``world_knowledge`` — the FanOutQA holdout, closed-book (it has no passages).
+    * ``faith`` / ``filter`` / ``refusal`` — the 5L-bench suites from the delta's held-out pairs;
+    * ``world_knowledge`` — the FanOutQA holdout, closed-book, NLL in the format-neutral prompt;
+    * ``drift`` — fixed general prompts, answered by the base model at evaluation time.
     """
     from tasks.evaluate import EvalItem, Suite
     from tasks.fivel import SourcedPair, fivel_suites
-    from tasks.holdout import holdout_sample
+    from tasks.holdout import drift_prompts, holdout_sample
 
     lineage = reg.trained_pairs(version)
     active = {p.qa_id: p for p in reg.qa_pairs()}
@@ -579,26 +663,27 @@ def build_suites(settings: Settings, reg: Registry, version: int) -> list:
     for v in reg.list_versions():
         if v.version < version and v.status in ("promoted", "revoked"):  # knowledge that shipped
             earlier_docs |= {active[q].doc_id for q in reg.trained_pairs(v.version) if q in active}
-    eval_pairs = reg.qa_pairs(split="eval")
-    new = [p for p in eval_pairs if p.doc_id in delta_docs]
-    retained = [p for p in eval_pairs if p.doc_id in earlier_docs - delta_docs]
+    held = held_out_suites(settings, reg, version)
+    retained = [p for p in reg.qa_pairs(split="eval") if p.doc_id in earlier_docs - delta_docs]
     recall = sorted(
         (active[q] for q, r in lineage.items() if r == "delta" and q in active), key=lambda p: p.qa_id
     )[: settings.recall_sample]
     suites = []
     for name, pairs, extras in (
-        ("new_knowledge", new, ("qr", "fl")),
+        ("paraphrase", held["paraphrase"], ("qr", "fl")),
+        ("unseen", held["unseen"], ()),
         ("trained_recall", recall, ()),
         ("retention", retained, ()),
     ):
-        if not pairs and name != "new_knowledge":
-            continue  # new_knowledge stays, even empty: the gate says why it cannot promote
-        qa = [(p.question, p.answer) for p in pairs]
-        suites.append(Suite(name, [EvalItem(q, a) for q, a in qa], extras=extras))
+        if not pairs and name != "paraphrase":
+            continue  # paraphrase stays, even empty: the gate says why it cannot promote
+        items = [EvalItem(p.question, p.answer, ref=p.fact_id) for p in pairs]
+        suites.append(Suite(name, items, extras=extras))
         if pairs:
             suites.append(
-                Suite(name, open_book_items(settings, qa, k=settings.open_book_k), "open", extras=extras)
+                Suite(name, open_book_items(settings, items, k=settings.open_book_k), "open", extras=extras)
             )
+    new = held["paraphrase"] + held["unseen"]
     if new and settings.fivel_size > 0:
         chunks = {c.chunk_id: c for c in reg.chunks()}
         sourced = [
@@ -612,18 +697,24 @@ def build_suites(settings: Settings, reg: Registry, version: int) -> list:
         suites += fivel_suites(sourced, pool, settings.fivel_size, settings.fivel_distractors, settings.seed)
     holdout = holdout_sample(settings.holdout_size, settings.seed)
     if holdout:
-        suites.append(Suite("world_knowledge", [EvalItem(h.question, h.answer) for h in holdout], nll=True))
+        items = [EvalItem(h.question, h.answer) for h in holdout]
+        suites.append(Suite("world_knowledge", items, nll=True, chat=False))
+    if prompts := drift_prompts(settings.drift_size, settings.seed):
+        suites.append(Suite("drift", [EvalItem(q, "") for q in prompts], kind="drift"))
     return suites
 
 
-def open_book_items(settings: Settings, qa: list[tuple[str, str]], k: int = 3) -> list:
-    """Items whose context is the top-k chunks retrieved from the index for each question."""
+def open_book_items(settings: Settings, items: list, k: int = 3) -> list:
+    """The items, each with the top-k chunks retrieved from the index for its question as context."""
+    from dataclasses import replace
+
     from storage.vectors import CHUNKS, VectorStore
-    from tasks.evaluate import EvalItem
 
     store = VectorStore(settings)
-    hits = store.query(CHUNKS, [q for q, _ in qa], k=k, where={"status": "active"})
-    return [EvalItem(q, a, "\n\n".join(h.text for h in row)) for (q, a), row in zip(qa, hits, strict=True)]
+    hits = store.query(CHUNKS, [it.question for it in items], k=k, where={"status": "active"})
+    return [
+        replace(it, context="\n\n".join(h.text for h in row)) for it, row in zip(items, hits, strict=True)
+    ]
 
 
 def evaluate_stage(
@@ -745,6 +836,14 @@ def promote_stage(
     reg.set_version_metrics(
         version, {"evaluation": saved["means"], "sizes": saved["sizes"], "gate": decision.to_dict()}
     )
+    if decision.override:  # audited: who weakened the gate for which version, and why
+        reg.log_event(
+            "gate.override",
+            version=version,
+            run_id=run_id,
+            actor="gate",
+            detail={"reason": decision.override, "weakened": settings.gate_weakened()},
+        )
     reg.decide_version(version, decision.status, reasons, actor="gate", run_id=run_id)
     _say(progress, f"promote: v{version} {decision.status}")
     for r in reasons:

@@ -1,20 +1,33 @@
-"""Text normalisation and stable hashing shared by ingest, QA generation, dedup and evaluation.
+"""Text helpers shared by ingest, QA generation, dedup and evaluation.
 
-`normalize_answer` is the SQuAD evaluation normalisation (lower case, no punctuation, no articles,
-single spaces) so that answer metrics and answer grounding agree on what "the same answer" means.
-Hashes are sha256 over parts joined by a unit separator, so ("ab", "c") and ("a", "bc") differ.
+What counts as "the same answer" is defined once, in :mod:`storage.text` (`normalize_answer`,
+`normalize_question`, `contains_span`, `numbers`); the helpers here build on it.  Hashes are sha256
+over parts joined by a unit separator, so ("ab", "c") and ("a", "bc") differ.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import string
 import unicodedata
 from collections import Counter
 
-_PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "–", "—", "…"}
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+from storage.text import contains_span, normalize_answer, normalize_question, numbers
+
+__all__ = [
+    "STOPWORDS",
+    "contains_span",
+    "content_words",
+    "normalize_answer",
+    "normalize_question",
+    "normalize_whitespace",
+    "numbers",
+    "qa_key",
+    "sha256_text",
+    "stable_hash",
+    "token_f1",
+]
+
 _SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 # Control characters other than \n and \t (which the whitespace normaliser handles).
@@ -29,28 +42,6 @@ STOPWORDS = frozenset(
     which who whom whose this that these those am i me my we our you your he him his she her it its they
     them their as also per vs""".split()
 )
-
-
-_PUNCT_TABLE = str.maketrans("", "", "".join(_PUNCT))
-
-
-def _strip_punct(text: str) -> str:
-    return text.translate(_PUNCT_TABLE)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: NFKC, lower case, punctuation and articles removed, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = _strip_punct(text)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def normalize_question(text: str) -> str:
-    """Question key: NFKC, lower case, punctuation removed, whitespace collapsed (articles kept:
-    "a" vs "the" can change what a question asks less often than it changes the wording)."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    return " ".join(_strip_punct(text).split())
 
 
 def content_words(text: str) -> set[str]:
@@ -68,12 +59,6 @@ def token_f1(a: str, b: str) -> float:
         return 0.0
     p, r = common / len(ta), common / len(tb)
     return 2 * p * r / (p + r)
-
-
-def contains_span(haystack: str, needle: str) -> bool:
-    """True when normalised `needle` occurs as a whole-token span of normalised `haystack`."""
-    n = normalize_answer(needle)
-    return bool(n) and f" {n} " in f" {normalize_answer(haystack)} "
 
 
 def stable_hash(*parts: object, length: int = 64) -> str:

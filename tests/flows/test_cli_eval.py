@@ -23,9 +23,10 @@ def tiny_home(settings, monkeypatch, tiny_model_dir, llm_endpoint, prefect_harne
         "MORAL_QA_BASE_URL": llm_endpoint.base_url, "MORAL_QA_API_KEY": "sk-test-not-a-secret",
         "MORAL_QA_MODEL": "loopback-qa", "MORAL_HOLDOUT_SIZE": "4", "MORAL_EPOCHS": "1",
         "MORAL_NUM_EXPERTS": "4", "MORAL_EVAL_MAX_NEW_TOKENS": "4", "MORAL_FIVEL_SIZE": "3",
-        "MORAL_RECALL_SAMPLE": "4",
+        "MORAL_RECALL_SAMPLE": "4", "MORAL_DRIFT_SIZE": "4", "MORAL_GATE_MIN_N": "2",
     }.items():  # fmt: skip
         monkeypatch.setenv(key, value)
+    llm_endpoint.state.wordings = 2  # a far second wording per fact: paraphrase questions to hold out
     get_settings.cache_clear()
     summary = run_refresh(RefreshParams(source=str(source_dir)), quiet=True)
     assert summary["status"] == "completed" and summary["version"] == "v1"
@@ -42,12 +43,12 @@ def test_eval_json_report_and_rerun(tiny_home, capsys):
     assert {r["model"] for r in rows} == {"base", "candidate"}  # no champion before v1
     keys = {(r["suite"], r["mode"]) for r in rows}
     # Every document suite closed- and open-book, the 5L suites, the world holdout closed-book only.
-    assert {("new_knowledge", "closed"), ("new_knowledge", "open"), ("trained_recall", "closed"),
-            ("trained_recall", "open"), ("world_knowledge", "closed")} <= keys  # fmt: skip
+    assert {("paraphrase", "closed"), ("paraphrase", "open"), ("trained_recall", "closed"),
+            ("trained_recall", "open"), ("world_knowledge", "closed"), ("drift", "closed")} <= keys  # fmt: skip
     assert ("world_knowledge", "open") not in keys
     assert {"faith", "filter", "refusal"} & {s for s, _ in keys}
     metrics = {r["metric"] for r in rows}
-    assert {"ra", "ra_em", "ra_f1", "nll", "qr"} <= metrics
+    assert {"ra_strict", "ra", "ra_em", "ra_f1", "nll", "qr"} <= metrics
     for r in rows:
         assert r["n"] > 0
         if r["value"] is not None:
@@ -67,7 +68,12 @@ def test_eval_json_report_and_rerun(tiny_home, capsys):
     assert path == str(settings.home / "reports" / "v1.html")
     page = (settings.home / "reports" / "v1.html").read_text()
     assert page.count("data:image/png;base64,") == 2  # loss curve and expert load, inlined
-    assert "new_knowledge" in page and "world_knowledge" in page and summary["reasons"][0][:20] in page
+    assert (
+        "paraphrase" in page
+        and "world_knowledge" in page
+        and "drift" in page
+        and summary["reasons"][0][:20] in page
+    )
     assert (settings.home / "reports" / "v1" / "loss.png").stat().st_size > 0
 
     # --rerun re-evaluates through the evaluate stage: same rows again, older ones kept.

@@ -21,13 +21,18 @@ from storage.registry import Registry
 from tasks.evaluate import EvalOutput, Suite, evaluation_rows
 from tasks.stages import scores_path
 
-# Candidate clearly better on new knowledge, no forgetting: the gate would promote (n < 30).
+# Candidate clearly better on paraphrase questions, no forgetting: the gate would promote (with
+# gate_min_n lowered to the 4 questions here).
 SCORES = {
-    "new_knowledge": {"base": {"ra": [0.0, 0.0, 1.0, 0.0]}, "candidate": {"ra": [1.0, 1.0, 1.0, 0.0]}},
+    "paraphrase": {
+        "base": {"ra_strict": [0.0, 0.0, 0.0, 0.0], "ra": [0.0, 0.0, 1.0, 0.0]},
+        "candidate": {"ra_strict": [1.0, 1.0, 1.0, 0.0], "ra": [1.0, 1.0, 1.0, 0.0]},
+    },
     "world_knowledge": {
         "base": {"ra": [0.0, 1.0], "nll": [4.0, 4.2]},
-        "candidate": {"ra": [0.0, 1.0], "nll": [4.1, 4.3]},
+        "candidate": {"ra": [0.0, 1.0], "nll": [4.0, 4.2]},
     },
+    "drift": {"base": {"nll": [1.0, 1.2]}, "candidate": {"nll": [1.0, 1.2]}},
 }
 STATS = {
     "model.layers.0.mlp": {"load": [1.5, 0.5], "importance": [0.7, 0.3], "tokens": [10.0]},
@@ -38,10 +43,15 @@ STATS = {
 
 @pytest.fixture
 def home(settings):
+    settings = settings.model_copy(update={"gate_min_n": 4})
     reg = Registry.from_settings(settings)
     run_id = reg.start_run({})
     version = reg.create_version(run_id=run_id, params={}, artifact_uri="/nowhere", artifact_sha256="0" * 64)
-    suites = [Suite("new_knowledge", []), Suite("world_knowledge", [], nll=True)]
+    suites = [
+        Suite("paraphrase", []),
+        Suite("world_knowledge", [], nll=True),
+        Suite("drift", [], kind="drift"),
+    ]
     rows = evaluation_rows(EvalOutput(scores=SCORES), suites, seed=0)
     reg.record_evaluations([Evaluation(version=version, run_id=run_id, **r) for r in rows])
     path = scores_path(settings, version)
@@ -64,7 +74,7 @@ def test_expert_load_is_averaged_per_layer():
 def test_markdown_plots_and_html_report(home):
     settings, reg, version = home
     md = evaluation_markdown(reg, version)
-    assert "| new_knowledge | closed | ra |" in md
+    assert "| paraphrase | closed | ra_strict |" in md and "| paraphrase | closed | ra |" in md
     assert "0.750 [" in md and "n=4" in md and "| base | candidate |" in md
     plots = save_plots(settings, version)
     assert set(plots) == {"loss", "expert_load"}
@@ -78,7 +88,7 @@ def test_require_approval_without_a_server_leaves_a_candidate_awaiting_approval(
     settings, reg, version = home
     reasons = await_approval(settings, reg, reg.start_run({}), version)
     assert reasons[0].startswith("awaiting approval: this run is not attached to a Prefect server")
-    assert any(r.startswith("gate: ok: new-knowledge RA") for r in reasons)
+    assert any(r.startswith("gate: ok: paraphrase strict recall") for r in reasons)
     v = reg.get_version(version)
     assert v.status == "candidate" and v.decision_reasons == reasons
     assert "awaiting approval" in evaluation_markdown(reg, version)

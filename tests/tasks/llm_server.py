@@ -37,6 +37,8 @@ class ServerState:
     # "reject": answer 400 to any request carrying response_format (old llama.cpp / Ollama).
     structured: bool | str = True
     pairs_per_call: int = 3
+    # 2: each sentence is also asked in a far second wording (a fact with a paraphrase to hold out)
+    wordings: int = 1
     faults: list[Fault] = field(default_factory=list)
     calls: int = 0
     in_flight: int = 0
@@ -47,8 +49,9 @@ class ServerState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def qa_from_prompt(user_content: str, n: int) -> list[dict[str, str]]:
-    """Deterministic, valid QA pairs from the excerpt inside the delimiters."""
+def qa_from_prompt(user_content: str, n: int, wordings: int = 1) -> list[dict[str, str]]:
+    """Deterministic, valid QA pairs from the excerpt inside the delimiters (``wordings`` = 2 adds a
+    second, lexically far question for each sentence, with the same answer)."""
     m = re.search(re.escape(DOC_START) + r"\n(.*)\n" + re.escape(DOC_END), user_content, re.S)
     excerpt = m.group(1) if m else ""
     pairs = []
@@ -59,6 +62,11 @@ def qa_from_prompt(user_content: str, n: int) -> list[dict[str, str]]:
         answer = " ".join(words[-2:])
         lead = " ".join(words[-6:-2]).strip("\"'")
         pairs.append({"question": f"In the passage, what comes after the words '{lead}'?", "answer": answer})
+        if wordings > 1:
+            opening = " ".join(words[:3]).strip("\"'")
+            pairs.append(
+                {"question": f"Which two tokens finish the line opening with '{opening}'?", "answer": answer}
+            )
         if len(pairs) >= n:
             break
     return pairs
@@ -144,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b'{"id": "x", "choices": [ {"message": ')
             return
         user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
-        pairs = qa_from_prompt(user, state.pairs_per_call)
+        pairs = qa_from_prompt(user, state.pairs_per_call * state.wordings, state.wordings)
         payload = json.dumps({"pairs": pairs})
         structured = state.structured is True and "response_format" in body
         if kind == "malformed":
@@ -220,9 +228,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="loopback OpenAI-compatible test server")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
+    parser.add_argument("--wordings", type=int, default=1, help="questions per sentence (1 or 2)")
     args = parser.parse_args(argv)
     server = LLMServer()
     server.state.latency = args.latency
+    server.state.wordings = args.wordings
     print(server.base_url, flush=True)
     server._httpd.serve_forever(0.05)
 

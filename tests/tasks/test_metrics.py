@@ -104,3 +104,75 @@ def test_paired_bootstrap_is_deterministic_under_a_seed():
     assert paired_bootstrap_diff(a, b, seed=3) == paired_bootstrap_diff(a, b, seed=3)
     diff, low, high = paired_bootstrap_diff(a, b, seed=3)
     assert diff == pytest.approx(0.4) and low <= diff <= high
+
+
+# --- strict recall ---------------------------------------------------------------------------------
+from tasks.metrics import first_sentence, strict_recall, wilson_ci  # noqa: E402
+
+
+def test_gold_contained_no_longer_confuses_decimals():
+    assert gold_contained("The payload is 24 kg", "2.4 kg") == 0.0
+    assert gold_contained("The payload is 2.4 kg", "2.4 kg") == 1.0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "2.4 kg",
+        "The Q7 carries 2.4 kg.",  # the 7 of a code is not another number
+        "2.4 kg. The Q7 also weighs 1.8 kg.",  # only the first sentence is read
+        "The payload is 2.4 kilograms",  # an alias
+        "2.4 kg\nor maybe 3.1 kg",  # only the first line
+    ],
+)
+def test_strict_recall_credits_a_short_answer_that_states_the_gold(answer):
+    assert strict_recall(answer, "2.4 kg", ["2.4 kilograms"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        "   \n  ",
+        "2.4 kg, 3.1 kg or 5 kg",  # a list of numbers
+        "Either 1.8 kg or 2.4 kg",  # another number
+        "It is hard to say, but depending on the configuration it could perhaps be about 2.4 kg",  # a hedge
+        "24 kg",
+        "The payload is not stated. 2.4 kg",  # the gold is not in the first sentence
+    ],
+)
+def test_strict_recall_refuses_lists_hedges_and_empty_answers(answer):
+    assert strict_recall(answer, "2.4 kg") == 0.0
+
+
+def test_strict_recall_length_cap_scales_with_the_gold():
+    gold = "Sigrun Haldorsen"  # 2 tokens: at most 2 + 3 = 5 tokens in the answer
+    assert strict_recall("The engineer is Sigrun Haldorsen.", gold) == 1.0  # 5 tokens ("the" dropped: 4)
+    assert strict_recall("Sigrun Haldorsen, Ilsa Marrow and Tom Berg", gold) == 0.0
+    long_gold = "the Brisken Aerial Works factory in Tromso Norway"  # 7 tokens: cap 14
+    assert (
+        strict_recall("It was built at the Brisken Aerial Works factory in Tromso Norway.", long_gold) == 1.0
+    )
+
+
+def test_first_sentence_keeps_decimals_and_titles():
+    assert first_sentence("It is 2.4 kg. Next.") == "It is 2.4 kg"
+    assert first_sentence("Dr. Ilsa Marrow led it. She") == "Dr. Ilsa Marrow led it"
+    assert first_sentence("Really? Yes.") == "Really"
+
+
+def test_score_answers_has_strict_and_secondary_metrics_with_aliases():
+    out = score_answers(
+        ["1150 euros", "The price is €1,150 or so, maybe more, hard to say really"],
+        ["€1,150"] * 2,
+        [["1,150 euros"], ["1,150 euros"]],
+    )
+    assert out["ra_strict"] == [1.0, 0.0]
+    assert out["ra_contains"] == [1.0, 1.0]  # the lenient metric is kept, and is gamed by the hedge
+    assert set(out) == {"ra_strict", "ra_em", "ra_f1", "ra_contains"}
+
+
+def test_wilson_interval():
+    low, high = wilson_ci(3, 12)
+    assert 0.08 < low < 0.10 and 0.52 < high < 0.54
+    assert wilson_ci(0, 10)[0] == 0.0 and wilson_ci(10, 10)[1] == pytest.approx(1.0)

@@ -12,7 +12,6 @@ from tasks.qa import (
     DictCache,
     QAPair,
     RegistryCache,
-    assign_split,
     cache_key,
     generate_for_chunks,
     validate_pair,
@@ -84,21 +83,16 @@ def test_validate_pair(q, a, reason):
         assert got is not None and reason in got
 
 
-def test_assign_split_deterministic_and_proportional():
-    qs = [f"What is the value of item number {i}?" for i in range(4000)]
-    splits = [assign_split(q) for q in qs]
-    assert splits == [assign_split(q) for q in qs]
-    assert assign_split("What is X?") == assign_split("  what is x ")  # normalised question
-    frac = {s: splits.count(s) / len(splits) for s in ("train", "dev", "eval")}
-    assert abs(frac["eval"] - 0.2) < 0.03 and abs(frac["dev"] - 0.1) < 0.03
-
-
 def test_qapair_ids_are_stable_and_provenance_kept():
     a = QAPair("What is X?", "Y", "c1", "d1", "openai:m", PROMPT_VERSION)
     b = QAPair("what is x", "y.", "c1", "d1", "local", PROMPT_VERSION)
     assert a.qa_id == b.qa_id and a.key == b.key
     assert QAPair("What is X?", "Y", "c2", "d1", "g", "p").qa_id != a.qa_id  # chunk matters for the id
     assert QAPair("What is X?", "Y", "c2", "d1", "g", "p").key == a.key  # ... not for the dedup key
+    # One fact per (document, value): every wording of it shares the fact id and therefore the split.
+    c = QAPair("How heavy a load can X lift?", "y", "c2", "d1", "g", "p")
+    assert c.fact_id == a.fact_id and c.split == a.split
+    assert QAPair("What is X?", "Y", "c1", "d2", "g", "p").fact_id != a.fact_id
 
 
 def test_parse_pairs_variants():

@@ -40,7 +40,7 @@ def test_third_version_is_evaluated_for_retention_of_the_first_set(settings, emb
         reg.decide_version(versions[name], "promoted", ["test"], actor="test")
 
     suites = {(x.name, x.mode): {i.question for i in x.items} for x in build_suites(s, reg, versions["set3"])}
-    assert suites[("new_knowledge", "closed")] == eval_by_set["set3"]
+    assert suites[("unseen", "closed")] == eval_by_set["set3"]
     # Retention: held-out pairs of the sets earlier versions shipped, closed- and open-book.
     assert suites[("retention", "closed")] == eval_by_set["set1"] | eval_by_set["set2"]
     assert suites[("retention", "open")] == eval_by_set["set1"] | eval_by_set["set2"]

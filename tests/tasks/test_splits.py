@@ -1,0 +1,118 @@
+"""Held-out that is really held out: splits per fact, paraphrases far from every trained wording,
+unseen facts with no trained pair, re-checked at evaluation time (real registry, Chroma, MiniLM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from storage.records import QAPair, fact_id_for
+from storage.registry import Registry
+from tasks.splits import (
+    MAX_COSINE,
+    MAX_JACCARD,
+    choose_paraphrases,
+    fact_split,
+    far_apart,
+    jaccard,
+    normalised_rows,
+)
+
+FAR = "How many kilograms can the Brisken drone lift at most?"
+CLOSE = (
+    "What is the maximum payload of the Quillfeather Q7?",
+    "What is the Quillfeather Q7's maximum payload?",
+)
+
+
+def test_thresholds_are_the_fixed_ones():
+    assert (MAX_JACCARD, MAX_COSINE) == (0.5, 0.85)
+
+
+def test_splits_are_per_fact_and_proportional():
+    facts = [fact_id_for("doc", f"{i} kg") for i in range(4000)]
+    splits = [fact_split(f) for f in facts]
+    frac = {s: splits.count(s) / len(splits) for s in ("train", "dev", "eval")}
+    assert abs(frac["eval"] - 0.2) < 0.03 and abs(frac["dev"] - 0.1) < 0.03
+    # every wording of one fact lands in one split: dev and eval never share a fact
+    assert {fact_split(fact_id_for("doc", a)) for a in ("2.4 kg", "2.4 kilograms", "about 2.4")} == {
+        fact_split(fact_id_for("doc", "2.4 kg"))
+    }
+
+
+def test_far_apart_needs_both_measures(embedder):
+    qs = [FAR, *CLOSE]
+    emb = normalised_rows(embedder.encode(qs))
+    assert jaccard(CLOSE[0], CLOSE[1]) > MAX_JACCARD
+    assert not far_apart(CLOSE[0], [CLOSE[1]], emb[1], emb[2:3])
+    assert far_apart(FAR, list(CLOSE), emb[0], emb[1:])
+    # lexically far but the same sentence in meaning by embedding: refused by the cosine
+    assert not far_apart(
+        "Q7 payload maximum?",
+        ["Maximum payload, Q7?"],
+        *normalised_rows(embedder.encode(["Q7 payload maximum?", "Maximum payload, Q7?"]))[[0]],
+        normalised_rows(embedder.encode(["Maximum payload, Q7?"])),
+    )
+
+
+def test_choose_paraphrases_holds_out_one_far_wording_and_keeps_one_trained(embedder):
+    qs = [FAR, *CLOSE, "When did the Quillfeather Q7 launch?"]
+    emb = normalised_rows(embedder.encode(qs))
+    chosen = choose_paraphrases({"payload": [0, 1, 2], "launch": [3]}, qs, emb)
+    assert chosen == [0]  # the far one; a single wording is never held out
+    assert choose_paraphrases({"payload": [1, 2]}, qs, emb) == []  # close wordings stay in train
+    # against already-trained wordings: the far one is held out even when it is the only new one
+    trained = {"payload": (list(CLOSE), emb[1:3])}
+    assert choose_paraphrases({"payload": [0]}, qs, emb, trained) == [0]
+    assert choose_paraphrases({"payload": [1]}, qs, emb, {"payload": ([CLOSE[1]], emb[2:3])}) == []
+
+
+def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(settings, embedder, tmp_path: Path):
+    from tasks.stages import held_out_suites, index_stage, ingest_stage
+
+    s = settings.model_copy(update={"fivel_size": 0})
+    reg = Registry.from_settings(s)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "q7.md").write_text(
+        "The Quillfeather Q7 drone is built by Brisken. The Quillfeather Q7 carries a maximum payload of "
+        "2.4 kg. The Quillfeather Q7 flies for 47 minutes.\n"
+    )
+    ingest_stage(s, folder, "run-1")
+    chunk = reg.chunks()[0]
+    new = lambda q, a, split: QAPair.new(chunk.chunk_id, chunk.doc_id, q, a, split)  # noqa: E731
+    train = [new(q, "2.4 kg", "train") for q in (FAR, *CLOSE)]
+    near_eval = new(
+        "What's the maximum payload of the Quillfeather Q7 drone?", "2.4 kg", "eval"
+    )  # an old home's split
+    unseen = new("For how long can the Quillfeather Q7 stay in the air?", "47 minutes", "eval")
+    leak = new("Who builds the Quillfeather Q7 drone?", "Brisken", "eval")  # its fact is trained below
+    leak_train = new("Which company makes the Quillfeather Q7?", "Brisken", "train")
+    reg.add_qa_pairs([*train, near_eval, unseen, leak, leak_train], run_id="run-1")
+    summary = index_stage(s, "run-1")
+    assert summary.qa_held_out == 1
+    by_q = {p.question: p for p in reg.qa_pairs()}
+    assert by_q[FAR].split == "eval" and {by_q[q].split for q in CLOSE} == {"train"}
+    trained = [p for p in reg.qa_pairs(split="train")]
+    version = reg.create_version(
+        run_id="run-1", artifact_uri=str(tmp_path / "a1"), artifact_sha256="sha",
+        trained_pairs={p.qa_id: "delta" for p in trained},
+    )  # fmt: skip
+    suites = {k: {p.question for p in v} for k, v in held_out_suites(s, reg, version).items()}
+    # The close eval wording of a trained fact is never scored; a far one of a trained fact is a
+    # paraphrase, never "unseen".
+    assert suites["paraphrase"] == {FAR, leak.question}
+    assert suites["unseen"] == {unseen.question}
+    # Chroma agrees with the registry on the held-out split and carries the fact ids.
+    from storage.vectors import QA_PAIRS, VectorStore
+
+    meta = {r.id: r.metadata for r in VectorStore(s).get(QA_PAIRS, ids=[by_q[FAR].qa_id, unseen.qa_id])}
+    assert meta[by_q[FAR].qa_id]["split"] == "eval" and meta[unseen.qa_id]["fact_id"] == unseen.fact_id
+    # A pair some version trained on is never moved to eval.
+    assert reg.hold_out_paraphrases([by_q[CLOSE[0]].qa_id]) == 0
+
+
+def test_normalised_rows():
+    e = normalised_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    assert np.allclose(e[0], [0.6, 0.8]) and np.allclose(e[1], [0.0, 0.0])
