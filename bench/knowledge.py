@@ -197,7 +197,7 @@ def served(env: dict[str, str], timeout_s: float = 300.0) -> Iterator[str]:
     """``moral serve`` on a loopback port for this data home; yields its /v1 base URL."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [str(Path(sys.executable).with_name("moral")), "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -228,20 +228,32 @@ def served(env: dict[str, str], timeout_s: float = 300.0) -> Iterator[str]:
             proc.kill()
 
 
+#: Requests the server refused (e.g. an open-book prompt beyond a tiny model's context): scored as
+#: empty answers, counted in the output.
+REFUSED: dict[str, int] = {}
+
+
 def ask_all(base_url: str, model: str, questions: Sequence[str], open_book: bool) -> list[str]:
-    from openai import OpenAI
+    from openai import BadRequestError, OpenAI
 
     client = OpenAI(base_url=base_url, api_key=os.environ.get("MORAL_SERVE_API_KEY") or "unused", timeout=120)
     extra = {"moral": {"open_book": True, "k": 3}} if open_book else None
     answers = []
     for q in questions:
-        reply = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": q}],
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            extra_body=extra,
-        )
+        try:
+            reply = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": q}],
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                stop=["\n"],  # strict recall reads the first line only
+                extra_body=extra,
+            )
+        except BadRequestError as exc:
+            key = f"{model} {'open' if open_book else 'closed'}: {str(exc)[:120]}"
+            REFUSED[key] = REFUSED.get(key, 0) + 1
+            answers.append("")
+            continue
         answers.append(reply.choices[0].message.content or "")
     return answers
 
@@ -320,6 +332,15 @@ def settings_from(env: dict[str, str]) -> Settings:
         os.environ.update(saved)
 
 
+def latest_model(settings: Settings) -> str:
+    """The served model name of the newest version, promoted or not: the benchmark measures what
+    training produced (the gate's decision is reported beside it); the base model before any."""
+    from storage.registry import Registry
+
+    versions = [v for v in Registry.from_settings(settings).list_versions() if v.artifact_uri]
+    return f"moral-refresh@v{versions[-1].version}" if versions else "moral-refresh@base"
+
+
 def trained_questions(settings: Settings) -> list[str]:
     from storage.registry import Registry
 
@@ -369,6 +390,8 @@ def run_arm(
     settings.ensure_dirs()
     kind = "moral" if arm == "moral" else "lora"
     questions = corpus["questions"]
+    if quick:  # a smoke run: part 1's tune questions only
+        questions = [q for q in questions if q["part"] == 1 and q["split"] == "tune"]
     part1_qs = [q for q in questions if q["part"] == 1]
     parts = PARTS[:1] if quick else PARTS
     out: dict = {"arm": arm, "seed": seed, "refreshes": []}
@@ -385,13 +408,13 @@ def run_arm(
             with served(env) as url:
                 out["part1_at_promotion"] = {
                     m: grouped(
-                        part1_qs, ask_all(url, "moral-refresh", [q["question"] for q in part1_qs], ob)
+                        part1_qs, ask_all(url, latest_model(settings), [q["question"] for q in part1_qs], ob)
                     )["report"]
                     for m, ob in (("closed", False), ("open", True))
                 }
     say("asking the hand-written questions")
     with served(env) as url:
-        final = ask_suite(url, "moral-refresh", questions)
+        final = ask_suite(url, latest_model(settings), questions)
         out["report"] = {m: v["scores"] for m, v in final.items()}
         out["part1_after"] = {
             m: grouped(
@@ -412,7 +435,7 @@ def run_arm(
         with served(env) as url:
             out["edit"] = {}
             for m, ob in (("closed", False), ("open", True)):
-                answers = ask_all(url, "moral-refresh", [q["question"] for q in eq], ob)
+                answers = ask_all(url, latest_model(settings), [q["question"] for q in eq], ob)
                 out["edit"][m] = {
                     "new_value": _ci(score(eq, answers)),
                     "old_value": _ci(score(eq, answers, "old_answers")),
@@ -468,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         g: sum(q["group"] == g for q in corpus["questions"])
         for g in ("trained", "document_only", "unanswerable")
     }
+    result["refused_requests"] = REFUSED
     result["seconds_total"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=1))
     return 0

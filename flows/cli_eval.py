@@ -59,6 +59,53 @@ def rerun_evaluation(settings, version: str | None) -> int:
     return number
 
 
+def saved_evaluation_of(settings, version: str | None) -> tuple[int, dict]:
+    """A version's number (the latest when None) and its saved ``evaluations/vN.json``; a clear
+    error when there is no registry, no version or no saved evaluation."""
+    from flows.report import saved_evaluation
+    from storage.registry import Registry
+
+    if not settings.registry_path.exists():
+        raise ValueError("no registry yet: run `moral refresh` first")
+    reg = Registry.from_settings(settings)
+    if version is None:
+        versions = reg.list_versions()
+        if not versions:
+            raise ValueError("no adapter versions yet: run `moral refresh` first")
+        number = versions[-1].version
+    else:
+        number = reg.get_version(version).version
+    saved = saved_evaluation(settings, number)
+    if saved is None:
+        raise ValueError(
+            f"v{number} has no saved evaluation (it never reached the evaluate stage): "
+            f"run `moral eval --rerun --version v{number}`"
+        )
+    return number, saved
+
+
+def print_by_document(settings, version: str | None, as_json: bool) -> int:
+    """``moral eval --by-document``: facts per document the reference model and the candidate answer."""
+    import sys
+
+    from flows.report import (
+        KNOWLEDGE_NOT_RECORDED,
+        knowledge_by_document,
+        knowledge_recorded,
+        knowledge_section,
+    )
+
+    number, saved = saved_evaluation_of(settings, version)
+    if as_json:
+        if not knowledge_recorded(saved):
+            print(f"v{number}: {KNOWLEDGE_NOT_RECORDED}", file=sys.stderr)
+        print_json(knowledge_by_document(saved))
+        return 0
+    print(f"# v{number}\n")
+    print(knowledge_section(saved), end="")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from storage.settings import get_settings
 
@@ -66,6 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     version = args.version
     if args.rerun:
         version = str(rerun_evaluation(settings, version))
+    if args.by_document:
+        return print_by_document(settings, version, args.json)
     rows = eval_rows(settings, version)
     if args.json:
         print_json(rows)
@@ -120,6 +169,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", help="only this version (3 or v3); with --rerun the one to re-evaluate")
     p.add_argument(
         "--rerun", action="store_true", help="re-evaluate (the latest version by default) before printing"
+    )
+    p.add_argument(
+        "--by-document",
+        action="store_true",
+        help="per document: the facts the reference model (champion, else base) and the candidate answer, "
+        "what was learned and forgotten (the latest version by default)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON list of result rows")
     p.set_defaults(func=cmd_eval)

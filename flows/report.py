@@ -20,6 +20,8 @@ from storage.settings import Settings
 
 MODELS = ("base", "champion", "candidate")
 REGISTRY_TABLE_KEY = "moral-registry"
+#: The plots inlined in the Prefect markdown artifact are rendered smaller than the saved PNGs.
+ARTIFACT_PLOT_DPI = 72
 
 
 def summary_text(s: dict) -> str:
@@ -75,8 +77,9 @@ def _cell(v: dict | None) -> str:
     return f"{_fmt(v['value'])} [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] n={v['n']}"
 
 
-def evaluation_markdown(reg: Registry, version: int) -> str:
-    """The run's report: base / champion / candidate with CIs and sample sizes, then the decision."""
+def evaluation_markdown(reg: Registry, version: int, settings: Settings | None = None) -> str:
+    """The run's report: the decision, then base / champion / candidate with CIs and sample sizes;
+    with ``settings``, also the knowledge per document from the saved evaluation."""
     v = reg.get_version(version)
     table = evaluation_table(reg, version)
     models = [m for m in MODELS if any(m in r for r in table)]
@@ -92,7 +95,236 @@ def evaluation_markdown(reg: Registry, version: int) -> str:
             + " | ".join(_cell(r.get(m)) for m in models)
             + " |"
         )
+    markdown = "\n".join(lines) + "\n"
+    if settings is not None:
+        markdown += "\n" + knowledge_section(saved_evaluation(settings, version))
+    return markdown
+
+
+# --------------------------------------------------------------------------------------------------
+# knowledge per document
+
+#: The held-out document suites (closed key "X", open key "X:open") the per-document view counts.
+KNOWLEDGE_SUITES = ("paraphrase", "unseen", "retention")
+KNOWLEDGE_MODES = (("closed", ""), ("open", ":open"))
+KNOWLEDGE_NOT_RECORDED = (
+    "per-document knowledge not recorded for this version (evaluated by an older release; "
+    "`moral eval --rerun` records it)"
+)
+UNKNOWN_DOCUMENT = "(unknown document)"
+_DIFFS_SHOWN = 5
+
+
+def saved_evaluation(settings: Settings, version: int) -> dict | None:
+    """The parsed ``evaluations/vN.json`` of a version, None when it has not been evaluated."""
+    from tasks.stages import scores_path
+
+    path = scores_path(settings, version)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def knowledge_recorded(saved: dict) -> bool:
+    """Whether a saved evaluation carries the per-item facts and answers (newer releases only)."""
+    return all(isinstance(saved.get(k), dict) for k in ("items", "predictions", "fact_docs"))
+
+
+def reference_model(saved: dict) -> str:
+    """What the candidate is compared with: the champion when it was evaluated, else the base model."""
+    scores = saved.get("scores") or {}
+    return "champion" if any("champion" in by for by in scores.values()) else "base"
+
+
+def _answered(marks: list[float]) -> bool:
+    # A fact is known when at least half of its questions are answered strictly right.
+    return bool(marks) and 2 * sum(1 for m in marks if m == 1) >= len(marks)
+
+
+def knowledge_by_document(saved: dict) -> list[dict]:
+    """Per document (path) of the held-out suites: its distinct facts, how many the reference model
+    (champion, else base) and the candidate answer closed- and open-book, and the facts learned
+    (candidate answers closed-book, reference does not) and forgotten (the reverse), each with its
+    first question, gold and both answers.  A fact counts as answered by a model in a mode when at
+    least half of its questions there have ``ra_strict == 1``.  Sorted by path; [] for a file saved
+    by an older release (see :func:`knowledge_recorded`)."""
+    if not knowledge_recorded(saved):
+        return []
+    scores = saved.get("scores") or {}
+    items, predictions, fact_docs = saved["items"], saved["predictions"], saved["fact_docs"]
+    reference = reference_model(saved)
+    models = (reference, "candidate")
+    first: dict[str, dict[str, tuple[str, int, dict]]] = {}  # fact -> mode -> its first item
+    marks: dict[tuple[str, str, str], list[float]] = {}  # (fact, mode, model) -> ra_strict per question
+    for mode, suffix in KNOWLEDGE_MODES:
+        for suite in KNOWLEDGE_SUITES:
+            key = suite + suffix
+            strict = {m: ((scores.get(key) or {}).get(m) or {}).get("ra_strict") or [] for m in models}
+            for i, item in enumerate(items.get(key) or []):
+                fact = item.get("fact_id")
+                if not fact:
+                    continue
+                first.setdefault(fact, {}).setdefault(mode, (key, i, item))
+                for m in models:
+                    if i < len(strict[m]):
+                        marks.setdefault((fact, mode, m), []).append(strict[m][i])
+
+    def answer(key: str, model: str, i: int) -> str | None:
+        answers = (predictions.get(key) or {}).get(model) or []
+        return answers[i] if i < len(answers) else None
+
+    def diff(fact: str) -> dict:
+        key, i, item = first[fact]["closed"]
+        return {
+            "fact_id": fact,
+            "question": item.get("question"),
+            "gold": item.get("gold"),
+            "reference_answer": answer(key, reference, i),
+            "candidate_answer": answer(key, "candidate", i),
+        }
+
+    by_doc: dict[str, list[str]] = {}
+    for fact in first:  # in order of first appearance: closed-book suites first, then item order
+        doc = fact_docs.get(fact) or {}
+        by_doc.setdefault(doc.get("path") or doc.get("doc_id") or UNKNOWN_DOCUMENT, []).append(fact)
+    rows = []
+    for path in sorted(by_doc):
+        facts = by_doc[path]
+        known = {
+            (mode, m): {f for f in facts if _answered(marks.get((f, mode, m), []))}
+            for mode, _ in KNOWLEDGE_MODES
+            for m in models
+        }
+        ref_closed, cand_closed = known[("closed", reference)], known[("closed", "candidate")]
+        rows.append(
+            {
+                "document": path,
+                "facts": len(facts),
+                "reference": reference,
+                **{
+                    mode: {
+                        "reference": len(known[(mode, reference)]),
+                        "candidate": len(known[(mode, "candidate")]),
+                    }
+                    for mode, _ in KNOWLEDGE_MODES
+                },
+                "learned": [diff(f) for f in facts if f in cand_closed and f not in ref_closed],
+                "forgot": [diff(f) for f in facts if f in ref_closed and f not in cand_closed],
+            }
+        )
+    return rows
+
+
+def _md_cell(text: object) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _short(text: object, limit: int = 160) -> str:
+    if text is None:
+        return "–"
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _diff_line(d: dict, reference: str) -> str:
+    return (
+        f"{_short(d['question'])} — gold: {_short(d['gold'])}; {reference}: {_short(d['reference_answer'])}; "
+        f"candidate: {_short(d['candidate_answer'])}"
+    )
+
+
+KNOWLEDGE_HEADING = "## Knowledge by document"
+KNOWLEDGE_COLUMNS = (
+    "document",
+    "facts",
+    "reference closed",
+    "candidate closed",
+    "reference open",
+    "candidate open",
+    "learned",
+    "forgot",
+)
+_KNOWLEDGE_NOTE = (
+    "Held-out questions (paraphrase, unseen, retention). A fact counts as answered when at least half "
+    "of its questions are answered strictly right; learned = the candidate answers it closed-book and "
+    "the reference does not, forgot = the reverse."
+)
+
+
+def _knowledge_cells(r: dict) -> list[str]:
+    return [
+        r["document"],
+        str(r["facts"]),
+        str(r["closed"]["reference"]),
+        str(r["closed"]["candidate"]),
+        str(r["open"]["reference"]),
+        str(r["open"]["candidate"]),
+        str(len(r["learned"])),
+        str(len(r["forgot"])),
+    ]
+
+
+def knowledge_markdown(rows: list[dict]) -> str:
+    """The per-document table (rows of :func:`knowledge_by_document`), then per document up to five
+    learned and five forgotten facts with question, gold and both answers."""
+    lines = [KNOWLEDGE_HEADING, ""]
+    if not rows:
+        return "\n".join(lines + ["no held-out document questions in this evaluation", ""])
+    lines += [f"Reference: {rows[0]['reference']}. {_KNOWLEDGE_NOTE}", ""]
+    lines.append("| " + " | ".join(KNOWLEDGE_COLUMNS) + " |")
+    lines.append("|" + " --- |" * len(KNOWLEDGE_COLUMNS))
+    lines += ["| " + " | ".join(_md_cell(c) for c in _knowledge_cells(r)) + " |" for r in rows]
+    for r in rows:
+        if not (r["learned"] or r["forgot"]):
+            continue
+        lines += ["", f"### {r['document']}"]
+        for label, diffs in (("Learned", r["learned"]), ("Forgot", r["forgot"])):
+            if diffs:
+                lines += ["", f"{label} ({len(diffs)}):", ""]
+                lines += [f"- {_diff_line(d, r['reference'])}" for d in diffs[:_DIFFS_SHOWN]]
+                if len(diffs) > _DIFFS_SHOWN:
+                    lines.append(f"- … and {len(diffs) - _DIFFS_SHOWN} more")
     return "\n".join(lines) + "\n"
+
+
+def knowledge_section(saved: dict | None) -> str:
+    """The per-document markdown of a saved evaluation, or why there is none."""
+    if saved is None:
+        return f"{KNOWLEDGE_HEADING}\n\nnot evaluated yet\n"
+    if not knowledge_recorded(saved):
+        return f"{KNOWLEDGE_HEADING}\n\n{KNOWLEDGE_NOT_RECORDED}\n"
+    return knowledge_markdown(knowledge_by_document(saved))
+
+
+def knowledge_html(saved: dict | None) -> list[str]:
+    """The per-document section of the HTML report (same content as :func:`knowledge_markdown`)."""
+    esc = html.escape
+    parts = ["<h2>Knowledge by document</h2>"]
+    if saved is None:
+        return parts + ["<p>not evaluated yet</p>"]
+    if not knowledge_recorded(saved):
+        return parts + [f"<p>{esc(KNOWLEDGE_NOT_RECORDED)}</p>"]
+    rows = knowledge_by_document(saved)
+    if not rows:
+        return parts + ["<p>no held-out document questions in this evaluation</p>"]
+    parts.append(f"<p>Reference: {esc(rows[0]['reference'])}. {esc(_KNOWLEDGE_NOTE)}</p><table>")
+    parts.append("<tr>" + "".join(f"<th>{c}</th>" for c in KNOWLEDGE_COLUMNS) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _knowledge_cells(r)) + "</tr>" for r in rows]
+    parts.append("</table>")
+    for r in rows:
+        if not (r["learned"] or r["forgot"]):
+            continue
+        parts.append(f"<h3>{esc(r['document'])}</h3>")
+        for label, diffs in (("Learned", r["learned"]), ("Forgot", r["forgot"])):
+            if diffs:
+                parts.append(f"<p>{label} ({len(diffs)}):</p><ul>")
+                parts += [f"<li>{esc(_diff_line(d, r['reference']))}</li>" for d in diffs[:_DIFFS_SHOWN]]
+                if len(diffs) > _DIFFS_SHOWN:
+                    parts.append(f"<li>… and {len(diffs) - _DIFFS_SHOWN} more</li>")
+                parts.append("</ul>")
+    return parts
+
+
+# --------------------------------------------------------------------------------------------------
+# artifacts
 
 
 def registry_rows(reg: Registry) -> list[dict]:
@@ -121,10 +353,19 @@ def publish_artifacts(settings: Settings, version: int) -> dict[str, str]:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     reg = Registry.from_settings(settings)
-    plots = save_plots(settings, version)
-    markdown = evaluation_markdown(reg, version)
-    if plots:
-        markdown += "\nPlots: " + ", ".join(str(p) for p in plots.values()) + "\n"
+    save_plots(settings, version)  # kept beside the version for `moral report`
+    markdown = evaluation_markdown(reg, version, settings)
+    # Inlined, not linked: the files live on the worker, out of reach of whoever reads the UI.
+    images = render_plots(settings, version, dpi=ARTIFACT_PLOT_DPI)
+    if images:
+        markdown += (
+            "\n## Training\n\n"
+            + "\n\n".join(
+                f"![{name}](data:image/png;base64,{base64.b64encode(data).decode()})"
+                for name, data in images.items()
+            )
+            + "\n"
+        )
     create_markdown_artifact(
         markdown=markdown,
         key=artifact_key(version),
@@ -166,18 +407,38 @@ def expert_load_per_layer(
 
 def save_plots(settings: Settings, version: int) -> dict[str, Path]:
     """``loss.png`` and ``expert_load.png`` of a version (from its training log), beside its report."""
+    images = render_plots(settings, version)
+    out: dict[str, Path] = {}
+    if images:
+        out_dir = plots_dir(settings, version)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in images.items():
+            out[name] = out_dir / f"{name}.png"
+            out[name].write_bytes(data)
+    return out
+
+
+def render_plots(settings: Settings, version: int, dpi: int = 100) -> dict[str, bytes]:
+    """The PNGs of a version's training plots (``loss``, ``expert_load``) in memory; {} without a
+    training log."""
     log_path = settings.home / "training" / f"v{version}.json"
     if not log_path.exists():
         return {}
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+        plt.close(fig)
+        return buf.getvalue()
+
     log = json.loads(log_path.read_text())
-    out_dir = plots_dir(settings, version)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Path] = {}
+    out: dict[str, bytes] = {}
     losses = log.get("losses") or []
     if losses:
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
@@ -188,9 +449,7 @@ def save_plots(settings: Settings, version: int) -> dict[str, Path]:
         ax.set(xlabel="optimizer step", ylabel="loss", title=f"v{version} training loss")
         ax.legend()
         fig.tight_layout()
-        out["loss"] = out_dir / "loss.png"
-        fig.savefig(out["loss"])
-        plt.close(fig)
+        out["loss"] = png(fig)
     layers, loads = expert_load_per_layer(log.get("expert_stats") or {})
     if layers:
         fig, ax = plt.subplots(figsize=(6, max(2.5, 0.18 * len(layers) + 1.2)), dpi=100)
@@ -200,9 +459,7 @@ def save_plots(settings: Settings, version: int) -> dict[str, Path]:
         ax.set_xticks(range(len(loads[0])))
         fig.colorbar(image, ax=ax, label="fraction of tokens")
         fig.tight_layout()
-        out["expert_load"] = out_dir / "expert_load.png"
-        fig.savefig(out["expert_load"])
-        plt.close(fig)
+        out["expert_load"] = png(fig)
     return out
 
 
@@ -229,6 +486,7 @@ def write_html_report(settings: Settings, version: int | str | None = None) -> P
     table = evaluation_table(reg, v.version)
     models = [m for m in MODELS if any(m in r for r in table)]
     plots = save_plots(settings, v.version)
+    saved = saved_evaluation(settings, v.version)
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -254,6 +512,8 @@ def write_html_report(settings: Settings, version: int | str | None = None) -> P
         parts.append("</table>")
     else:
         parts.append("<p>not evaluated yet</p>")
+    if table or saved is not None:
+        parts += knowledge_html(saved)
     if plots:
         parts.append("<h2>Training</h2>")
         parts += [_img(p, name) for name, p in plots.items()]

@@ -132,6 +132,7 @@ def _facts_and_keys(con: duckdb.DuckDBPyConnection) -> None:
     from storage.text import normalize_question
 
     con.execute("ALTER TABLE qa_pairs ADD COLUMN fact_id TEXT")
+    con.execute("CREATE INDEX qa_pairs_fact ON qa_pairs (fact_id)")  # before the updates (DuckDB)
     rows = con.execute("SELECT qa_id, doc_id, question, answer FROM qa_pairs").fetchall()
     if rows:
         con.execute("CREATE TEMP TABLE _keys (qa_id TEXT, fact_id TEXT, question_norm TEXT)")
@@ -144,7 +145,6 @@ def _facts_and_keys(con: duckdb.DuckDBPyConnection) -> None:
             "WHERE qa_pairs.qa_id = k.qa_id"
         )
         con.execute("DROP TABLE _keys")
-    con.execute("CREATE INDEX qa_pairs_fact ON qa_pairs (fact_id)")
 
 
 MIGRATIONS: tuple[Migration, ...] = (

@@ -56,7 +56,7 @@ def compare_lora(
     """Train plain LoRA on a MoRAL version's pairs and evaluate base / MoRAL / LoRA on its suites."""
     from storage.vectors import Embedder
     from tasks.evaluate import evaluate_adapters, evaluation_rows
-    from tasks.stages import base_model_identity, build_suites
+    from tasks.stages import base_memo, base_model_identity, build_suites
     from tasks.train import TrainPair, train_candidate
 
     say = progress or (lambda _m: None)
@@ -84,6 +84,7 @@ def compare_lora(
         max_new_tokens=settings.eval_max_new_tokens,
         embed=Embedder.from_settings(settings).encode,
         progress=say,
+        memo=base_memo(settings, identity["sha256"]),
     )
     result = {
         "version": v.name,

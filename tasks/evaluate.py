@@ -22,6 +22,7 @@ model: the adapter is switched off to score, so every model is judged by the sam
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -95,6 +96,60 @@ def query_relevance(embed: Embed, questions: Sequence[str], answers: Sequence[st
     return [s if ans.strip() else 0.0 for s, ans in zip(cosine_rows(q, a), answers, strict=True)]
 
 
+class BaseMemo:
+    """The base model's answers and NLLs, which do not change between evaluations: computed once
+    per base model and kept in one JSON file (keyed by the base checksum, the item, the prompt and
+    the generation settings), so each refresh scores only what the adapters change.
+
+    A memo with ``path=None`` keeps results for this process only."""
+
+    VERSION = "1"  # bump when prompt building or decoding changes what the base model would answer
+
+    def __init__(self, path: Path | None, base_sha256: str) -> None:
+        import json
+
+        self.path, self.base_sha256 = path, base_sha256
+        self.hits = self.misses = 0
+        self._data: dict[str, object] = {}
+        if path is not None and path.exists():
+            try:
+                self._data = json.loads(path.read_text())
+            except ValueError:  # a torn or foreign file: start again, never fail an evaluation
+                self._data = {}
+        self._dirty = False
+
+    def key(self, *parts: object) -> str:
+        from tasks.text import stable_hash
+
+        return stable_hash(self.VERSION, self.base_sha256, *parts, length=40)
+
+    def many(self, keys: Sequence[str], compute: Callable[[list[int]], list]) -> list:
+        """Values for ``keys``; ``compute(missing_rows)`` returns the values of the rows not memoised."""
+        missing = [i for i, k in enumerate(keys) if k not in self._data]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for i, value in zip(missing, compute(missing), strict=True):
+                self._data[keys[i]] = value
+            self._dirty = True
+        return [self._data[k] for k in keys]
+
+    def save(self) -> None:
+        import json
+
+        if self.path is None or not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._data))
+        tmp.replace(self.path)  # atomic; a concurrent writer may win, which only costs a recompute
+        self._dirty = False
+
+
+def _ctx_text(context: object) -> str:
+    return context if isinstance(context, str) else "\x1e".join(context) if context else ""
+
+
 def base_view(model) -> AbstractContextManager:
     """A context in which ``model`` runs as its base model (MoRAL and peft both offer one)."""
     disable = getattr(model, "disable_adapter", None)
@@ -109,9 +164,51 @@ def evaluate_model(
     max_new_tokens: int = 24,
     batch_size: int = 16,
     embed: Embed | None = None,
+    memo: BaseMemo | None = None,
+    is_base: bool = False,
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[str]]]:
-    """Scores of one model on every suite: one batched generation (and NLL) pass per suite."""
-    from moe.infer import answer_nll, generate_answers
+    """Scores of one model on every suite: one batched generation (and NLL) pass per suite.
+
+    With a ``memo``, what the base model computes (``is_base``: every output; otherwise the FL
+    reference scores, which run with the adapter switched off) is looked up first."""
+    from moe.infer import answer_nll as _nll
+    from moe.infer import generate_answers as _generate
+
+    def generate_answers(model, tokenizer, questions, *, contexts, max_new_tokens, batch_size, system):
+        def run(rows: list[int]) -> list[str]:
+            return _generate(
+                model, tokenizer, [questions[i] for i in rows],
+                contexts=None if contexts is None else [contexts[i] for i in rows],
+                max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
+            )  # fmt: skip
+
+        if memo is None or not is_base:
+            return run(list(range(len(questions))))
+        ctxs = contexts or [None] * len(questions)
+        keys = [
+            memo.key("gen", system, max_new_tokens, q, _ctx_text(c))
+            for q, c in zip(questions, ctxs, strict=True)
+        ]
+        return memo.many(keys, run)
+
+    def answer_nll(
+        model, tokenizer, questions, answers, *, contexts=None, batch_size, chat=True, system=None, base=None
+    ):
+        def run(rows: list[int]) -> list[float]:
+            return _nll(
+                model, tokenizer, [questions[i] for i in rows], [answers[i] for i in rows],
+                contexts=None if contexts is None else [contexts[i] for i in rows],
+                batch_size=batch_size, chat=chat, system=system,
+            )  # fmt: skip
+
+        if memo is None or not (is_base if base is None else base):
+            return run(list(range(len(questions))))
+        ctxs = contexts or [None] * len(questions)
+        keys = [
+            memo.key("nll", chat, system, q, _ctx_text(c), a)
+            for q, c, a in zip(questions, ctxs, answers, strict=True)
+        ]
+        return memo.many(keys, run)
 
     scores: dict[str, dict[str, list[float]]] = {}
     preds: dict[str, list[str]] = {}
@@ -151,8 +248,9 @@ def evaluate_model(
             if said:
                 with base_view(model):
                     nll = answer_nll(
-                        model, tokenizer, [q for q, _ in said], [a for _, a in said], batch_size=batch_size
-                    )
+                        model, tokenizer, [q for q, _ in said], [a for _, a in said], batch_size=batch_size,
+                        base=True,
+                    )  # fmt: skip
                 per_item["fl"] = [float(np.exp(v)) for v in nll]
         scores[suite.key] = per_item
         preds[suite.key] = answers
@@ -169,11 +267,13 @@ def evaluate_adapters(
     embed: Embed | None = None,
     progress: Callable[[str], None] | None = None,
     drift_max_new_tokens: int = 48,
+    memo: BaseMemo | None = None,
 ) -> EvalOutput:
     """The base model (scored with the first adapter switched off) and each named adapter.
 
     One base-model load per adapter (adapters are injected into the model in place), one batched pass
-    per suite and model; no per-question reloads.
+    per suite and model; no per-question reloads. With a ``memo`` the base model's outputs come from
+    earlier evaluations where they can (and are saved for later ones).
     """
     from moe.base_model import load_base_model
 
@@ -184,11 +284,16 @@ def evaluate_adapters(
 
     def record(model_name: str, model, tokenizer) -> None:
         if model_name == "base":
-            suites[:] = with_base_answers(model, tokenizer, suites, max_new_tokens=drift_max_new_tokens)
+            suites[:] = with_base_answers(
+                model, tokenizer, suites, max_new_tokens=drift_max_new_tokens, memo=memo
+            )
         say(f"evaluating {model_name}")
         sc, pr = evaluate_model(
-            model, tokenizer, suites, max_new_tokens=max_new_tokens, batch_size=batch_size, embed=embed
-        )
+            model, tokenizer, suites, max_new_tokens=max_new_tokens, batch_size=batch_size, embed=embed,
+            memo=memo, is_base=model_name == "base",
+        )  # fmt: skip
+        if memo is not None:
+            memo.save()
         for key, metrics in sc.items():
             out.scores.setdefault(key, {})[model_name] = metrics
             out.predictions.setdefault(key, {})[model_name] = pr[key]
@@ -208,9 +313,11 @@ def evaluate_adapters(
     return out
 
 
-def with_base_answers(model, tokenizer, suites: Sequence[Suite], *, max_new_tokens: int = 48) -> list[Suite]:
+def with_base_answers(
+    model, tokenizer, suites: Sequence[Suite], *, max_new_tokens: int = 48, memo: BaseMemo | None = None
+) -> list[Suite]:
     """Drift suites whose items have no answer yet get the base model's own greedy answers (``model``
-    must run as the base model here)."""
+    must run as the base model here; a ``memo`` keeps them across evaluations)."""
     from dataclasses import replace
 
     from moe.infer import generate_answers
@@ -221,9 +328,21 @@ def with_base_answers(model, tokenizer, suites: Sequence[Suite], *, max_new_toke
         if suite.kind != "drift" or not todo:
             out.append(suite)
             continue
-        answers = generate_answers(
-            model, tokenizer, [it.question for it in todo], max_new_tokens=max_new_tokens, system=suite.system
-        )
+        questions = [it.question for it in todo]
+
+        def run(
+            rows: list[int], questions: list[str] = questions, system: str | None = suite.system
+        ) -> list[str]:
+            return generate_answers(
+                model, tokenizer, [questions[i] for i in rows], max_new_tokens=max_new_tokens, system=system
+            )
+
+        if memo is None:
+            answers = run(list(range(len(questions))))
+        else:
+            answers = memo.many(
+                [memo.key("gen", suite.system, max_new_tokens, q, "") for q in questions], run
+            )
         filled = iter(answers)
         items = [replace(it, answer=next(filled) or " ") if not it.answer else it for it in suite.items]
         out.append(replace(suite, items=items))
@@ -240,6 +359,7 @@ def evaluate_versions(
     batch_size: int = 16,
     embed: Embed | None = None,
     progress: Callable[[str], None] | None = None,
+    memo: BaseMemo | None = None,
 ) -> EvalOutput:
     """Base (adapter disabled), champion and candidate on the same suites."""
     adapters = {"candidate": candidate_dir} if candidate_dir is not None else {}
@@ -253,6 +373,7 @@ def evaluate_versions(
         batch_size=batch_size,
         embed=embed,
         progress=progress,
+        memo=memo,
     )
 
 

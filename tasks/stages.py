@@ -717,6 +717,24 @@ def open_book_items(settings: Settings, items: list, k: int = 3) -> list:
     ]
 
 
+def base_memo(settings: Settings, base_sha256: str):
+    """The base model's memoised evaluation outputs, shared by every data home on this machine."""
+    from tasks.evaluate import BaseMemo
+
+    return BaseMemo(settings.model_cache / "evaluations" / f"{base_sha256[:16]}.json", base_sha256)
+
+
+def fact_documents(reg: Registry, fact_ids: Sequence[str]) -> dict[str, dict]:
+    """fact_id -> {doc_id, path} of the document each fact comes from."""
+    wanted = set(fact_ids)
+    paths = {d.doc_id: d.path for d in reg.documents()}
+    out: dict[str, dict] = {}
+    for p in reg.qa_pairs(status=None):
+        if p.fact_id in wanted and p.fact_id not in out:
+            out[p.fact_id] = {"doc_id": p.doc_id, "path": paths.get(p.doc_id)}
+    return out
+
+
 def evaluate_stage(
     settings: Settings, run_id: str, version: int, progress: Progress | None = None, force: bool = False
 ) -> EvaluateSummary:
@@ -756,6 +774,7 @@ def evaluate_stage(
         max_new_tokens=settings.eval_max_new_tokens,
         embed=Embedder.from_settings(settings).encode,
         progress=lambda m: _say(progress, f"evaluate: {m}"),
+        memo=base_memo(settings, identity["sha256"]),
     )
     rows = evaluation_rows(output, suites, seed=settings.seed)
     reg.record_evaluations(
@@ -793,6 +812,19 @@ def evaluate_stage(
                 "means": means,
                 "scores": output.scores,
                 "samples": samples,
+                # Per item of the document suites: the fact asked, its question and gold, and every
+                # model's answer (per-document knowledge and per-fact diffs in the reports).
+                "items": {
+                    s.key: [{"fact_id": it.ref, "question": it.question, "gold": it.answer} for it in s.items]
+                    for s in suites
+                    if s.key in output.predictions and any(it.ref for it in s.items)
+                },
+                "predictions": {
+                    s.key: output.predictions[s.key]
+                    for s in suites
+                    if s.key in output.predictions and any(it.ref for it in s.items)
+                },
+                "fact_docs": fact_documents(reg, [it.ref for s in suites for it in s.items if it.ref]),
             }
         )
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,7 @@ def tiny_home(settings, monkeypatch, tiny_model_dir, llm_endpoint, prefect_harne
     get_settings.cache_clear()
 
 
-def test_eval_json_report_and_rerun(tiny_home, capsys):
+def test_eval_json_report_and_rerun(tiny_home, source_dir, capsys):
     settings, summary = tiny_home
     assert main(["eval", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -68,6 +69,7 @@ def test_eval_json_report_and_rerun(tiny_home, capsys):
     assert path == str(settings.home / "reports" / "v1.html")
     page = (settings.home / "reports" / "v1.html").read_text()
     assert page.count("data:image/png;base64,") == 2  # loss curve and expert load, inlined
+    assert "<h2>Knowledge by document</h2>" in page and "reference closed" in page
     assert (
         "paraphrase" in page
         and "world_knowledge" in page
@@ -85,6 +87,19 @@ def test_eval_json_report_and_rerun(tiny_home, capsys):
     assert [(r["model"], r["suite"], r["mode"], r["metric"], r["value"]) for r in rerun] == [
         (r["model"], r["suite"], r["mode"], r["metric"], r["value"]) for r in rows
     ]  # greedy decoding: a rerun reproduces every number
+
+    # What the evaluate stage saved is enough for the knowledge per document (no champion: base).
+    assert main(["eval", "--by-document", "--json"]) == 0
+    by_doc = json.loads(capsys.readouterr().out)
+    assert by_doc and {r["reference"] for r in by_doc} == {"base"}
+    assert {Path(r["document"]).name for r in by_doc} <= {p.name for p in source_dir.iterdir()}
+    assert [r["document"] for r in by_doc] == sorted(r["document"] for r in by_doc)
+    for r in by_doc:
+        assert r["facts"] > 0 and 0 <= r["closed"]["candidate"] <= r["facts"]
+        assert len(r["learned"]) + len(r["forgot"]) <= r["facts"]
+    assert main(["eval", "--by-document"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# v1\n") and "| document | facts | reference closed |" in out
 
 
 def test_eval_on_an_empty_home_says_so(settings, capsys):

@@ -34,6 +34,23 @@ SCORES = {
     },
     "drift": {"base": {"nll": [1.0, 1.2]}, "candidate": {"nll": [1.0, 1.2]}},
 }
+# The paraphrase questions' facts, answers and documents, as `evaluate_stage` saves them: the
+# candidate knows f1 (2 questions) and f2, not f3; the base model none of them.
+ITEMS = [("f1", "Who wrote the guide?"), ("f1", "The guide's author?"), ("f2", "When?"), ("f3", "Where?")]
+KNOWLEDGE = {
+    "items": {"paraphrase": [{"fact_id": f, "question": text, "gold": f"gold {f}"} for f, text in ITEMS]},
+    "predictions": {
+        "paraphrase": {
+            "base": ["no idea"] * 4,
+            "candidate": ["gold f1", "gold f1", "gold f2", "elsewhere"],
+        }
+    },
+    "fact_docs": {
+        "f1": {"doc_id": "d1", "path": "docs/guide.md"},
+        "f2": {"doc_id": "d1", "path": "docs/guide.md"},
+        "f3": {"doc_id": "d2", "path": "docs/faq.md"},
+    },
+}
 STATS = {
     "model.layers.0.mlp": {"load": [1.5, 0.5], "importance": [0.7, 0.3], "tokens": [10.0]},
     "model.layers.1.mlp.gate_proj": {"load": [0.4, 1.6], "importance": [0.2, 0.8], "tokens": [10.0]},
@@ -56,7 +73,9 @@ def home(settings):
     reg.record_evaluations([Evaluation(version=version, run_id=run_id, **r) for r in rows])
     path = scores_path(settings, version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"scores": SCORES, "has_champion": False, "sizes": {}, "means": {}}))
+    path.write_text(
+        json.dumps({"scores": SCORES, "has_champion": False, "sizes": {}, "means": {}, **KNOWLEDGE})
+    )
     log = settings.home / "training" / f"v{version}.json"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(
@@ -115,5 +134,11 @@ def test_require_approval_pauses_in_a_flow_run_and_times_out(home, prefect_harne
     assert [e.kind for e in reg.events(kind="version.awaiting_approval")] == ["version.awaiting_approval"] * 2
     markdown = Artifact.get(artifact_key(version))
     assert markdown is not None and "awaiting approval" in markdown.data and "n=4" in markdown.data
+    # The plots inlined as images (no paths on the worker), and the knowledge per document.
+    assert markdown.data.count("](data:image/png;base64,") == 2 and "Plots:" not in markdown.data
+    assert "![loss](data:image/png;base64,iVBORw0KGgo" in markdown.data  # a PNG's signature, base64
+    assert "| docs/faq.md | 1 | 0 | 0 | 0 | 0 | 0 | 0 |" in markdown.data
+    assert "| docs/guide.md | 2 | 0 | 2 | 0 | 0 | 2 | 0 |" in markdown.data
+    assert "Who wrote the guide? — gold: gold f1; base: no idea; candidate: gold f1" in markdown.data
     table = Artifact.get(REGISTRY_TABLE_KEY)
     assert table is not None and "v1" in str(table.data)

@@ -402,3 +402,26 @@ def test_lineage_records_the_pairs_each_version_trained_on(reg: Registry) -> Non
     # Across versions a pair counts once; 'delta' wins over 'replay' (the role it was first learned in).
     assert reg.trained_pairs() == {"qa-a": "delta", "qa-b": "delta", "qa-c": "delta"}
     assert reg.trained_pairs(99) == {}
+
+
+def test_migration_7_gives_every_pair_a_fact_id_and_rederives_question_keys(tmp_path):
+    """A registry written before fact ids (schema 6): opened by this release, its pairs get their
+    fact ids and question keys under the one normalisation; splits and ids are kept."""
+    import duckdb
+
+    from storage import migrations
+    from storage.records import fact_id_for
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    migrations.migrate(con, [m for m in migrations.MIGRATIONS if m.version < 7])
+    con.execute(
+        "INSERT INTO qa_pairs (qa_id, chunk_id, doc_id, question, answer, question_norm, split, created_at) "
+        "VALUES ('q1', 'c1', 'd1', 'What is the price, 1,150 euros?', '2.4 kg', 'what is the price 1 150 euros', "
+        "'eval', now())"
+    )
+    con.close()
+    reg = Registry(path)
+    [p] = reg.qa_pairs()
+    assert p.fact_id == fact_id_for("d1", "2.4 kg") and p.split == "eval" and p.qa_id == "q1"
+    assert reg.existing_question_norms() == {"what is the price 1150 euros": "q1"}

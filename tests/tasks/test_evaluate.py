@@ -93,3 +93,34 @@ def test_evaluate_adapters_base_matches_the_plain_base_model(tiny_model_dir, tmp
     assert row["n"] == 2 and row["ci_low"] <= row["value"] <= row["ci_high"]
     assert not any(math.isnan(r["value"]) for r in rows)
     assert evaluation_rows(out, suites, seed=0) == rows
+
+
+def test_base_memo_gives_the_same_scores_and_computes_each_base_output_once(tiny_model_dir, tmp_path):
+    from moe.base_model import load_base_model
+    from moe.config import MoRALConfig
+    from moe.model import MoRALModel
+    from tasks.evaluate import BaseMemo
+
+    base, tok = load_base_model(tiny_model_dir)
+    MoRALModel(base, MoRALConfig(num_experts=2, top_k=1, rank=2, alpha=4)).save_pretrained(tmp_path / "moral")
+    suites = [
+        *_suites()[:3],
+        Suite("drift", [EvalItem("Say hello.", ""), EvalItem("Count to three.", "")], kind="drift"),
+    ]
+    plain = evaluate_adapters(tiny_model_dir, suites, {"candidate": tmp_path / "moral"}, max_new_tokens=6)
+    memo = BaseMemo(tmp_path / "memo.json", "sha-of-the-tiny-base")
+    first = evaluate_adapters(
+        tiny_model_dir, suites, {"candidate": tmp_path / "moral"}, max_new_tokens=6, memo=memo
+    )
+    assert first.scores == plain.scores and first.predictions == plain.predictions
+    assert memo.misses > 0 and (tmp_path / "memo.json").exists()
+    # A later evaluation (a new process: the memo is read from its file) computes no base output again.
+    again = BaseMemo(tmp_path / "memo.json", "sha-of-the-tiny-base")
+    second = evaluate_adapters(
+        tiny_model_dir, suites, {"candidate": tmp_path / "moral"}, max_new_tokens=6, memo=again
+    )
+    assert second.scores == plain.scores and again.misses == 0 and again.hits >= memo.misses
+    # Another base model (another checksum) shares nothing.
+    other = BaseMemo(tmp_path / "memo.json", "another-base")
+    evaluate_adapters(tiny_model_dir, suites, {}, max_new_tokens=6, memo=other)
+    assert other.misses == memo.misses  # everything is computed again

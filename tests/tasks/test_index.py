@@ -123,3 +123,23 @@ def test_index_stage_reactivates_the_vectors_of_a_document_that_comes_back(setti
     hits = store.query(CHUNKS, ["How much does the Quillfeather Q7 weigh?"], k=1, where={"status": "active"})
     assert "Quillfeather" in hits[0][0].text
     assert index_stage(settings, "run-4").restored_vectors == 0  # idempotent
+
+
+def test_pairs_indexed_under_the_old_normalisation_are_rekeyed_once(store, embedder):
+    from storage.text import KEY_VERSION
+    from tasks.index import migrate_qa_keys
+
+    pairs = [
+        QAPair("What is the maximum payload of the Q7?", "2.4 kg", "c1", "docA", "g", "v"),
+        QAPair("How long does the Q7 battery last?", "42 minutes", "c2", "docA", "g", "v"),
+    ]
+    # As an older release indexed them: another dedup key, no fact id, no key version.
+    texts = [embedding_text(p.question, p.answer) for p in pairs]
+    metas = [{"doc_id": p.doc_id, "split": p.split, "qa_key": "old-key", "status": "active"} for p in pairs]
+    store.upsert(QA_PAIRS, [p.qa_id for p in pairs], texts, metas, embeddings=embedder.encode(texts))
+    present = {p.qa_id for p in pairs}
+    assert migrate_qa_keys(store, pairs, present) == 2
+    for p in pairs:
+        meta = store.get(QA_PAIRS, ids=[p.qa_id])[0].metadata
+        assert meta["qa_key"] == p.key and meta["fact_id"] == p.fact_id and meta["key_version"] == KEY_VERSION
+    assert migrate_qa_keys(store, pairs, present) == 0  # nothing old is left: no work the second time

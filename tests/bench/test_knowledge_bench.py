@@ -1,0 +1,58 @@
+"""bench/knowledge.py --quick as a subprocess on the tiny model and the loopback LLM endpoint: the
+real stages run, the questions are asked through `moral serve`, one JSON object comes out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_quick_run_prints_one_json_object(tiny_model_dir, tmp_path):
+    from tests.tasks.llm_server import LLMServer
+
+    server = LLMServer()
+    server.state.wordings = 2
+    server.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MORAL_") or k == "MORAL_MODEL_CACHE"}
+    sets = {
+        "MORAL_BASE_MODEL": str(tiny_model_dir),
+        "MORAL_QA_BACKEND": "openai",
+        "MORAL_QA_BASE_URL": server.base_url,
+        "MORAL_QA_API_KEY": "sk-test-not-a-secret",
+        "MORAL_QA_MODEL": "loopback-qa",
+        "MORAL_NUM_EXPERTS": "2",
+        "MORAL_EVAL_MAX_NEW_TOKENS": "4",
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "knowledge.py"), "--quick", "--arms", "moral,lora",
+             "--work", str(tmp_path / "work"), *[f"--set={k}={v}" for k, v in sets.items()]],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert set(out["arms"]) == {"moral", "lora"} and out["base"] is not None
+    moral = out["arms"]["moral"][0]
+    [first] = moral["refreshes"]
+    assert (
+        first["qa_generated"] > 0 and first["version"] == 1 and first["decision"] in ("promoted", "rejected")
+    )
+    assert {"paraphrase", "world_knowledge", "drift", "gate_checks"} <= set(first["pipeline"])
+    tune = moral["report"]["closed"]["tune"]
+    assert tune["all"]["n"] > 0 and 0.0 <= tune["all"]["value"] <= 1.0 and len(tune["all"]["ci"]) == 2
+    assert {"trained", "document_only", "confabulation"} <= set(tune)
+    assert out["base"]["open"]["tune"]["all"]["n"] == tune["all"]["n"]
+    assert moral["similarity"]["n"] > 0 and "median" in moral["similarity"]["cosine"]
+    assert set(moral["seconds"]) == {"qa_index", "train", "evaluate"}
+    assert out["arms"]["lora"][0]["refreshes"][0]["version"] == 1
