@@ -80,13 +80,12 @@ def score_version(settings: Settings, version, questions: list[str], answers: li
     """Closed-book RA (gold contained in the greedy answer) of one version; None without questions."""
     if not questions:
         return None
-    from moe.base_model import load_base_model
+    from moe.base_model import base_model_identity, load_base_model
     from moe.infer import generate_answers
     from moe.model import MoRALModel
     from tasks.metrics import score_answers
-    from tasks.stages import base_model_identity
 
-    base_path, _ = base_model_identity(settings)
+    base_path, _ = base_model_identity(settings.base_model, settings.model_cache)
     base, tok = load_base_model(base_path)
     model = MoRALModel.from_pretrained(base, Path(version.artifact_uri))
     preds = generate_answers(model, tok, questions, max_new_tokens=settings.eval_max_new_tokens)
@@ -95,16 +94,15 @@ def score_version(settings: Settings, version, questions: list[str], answers: li
 
 
 def world_nll(settings: Settings, artifact: str | None) -> float | None:
-    from moe.base_model import load_base_model
+    from moe.base_model import base_model_identity, load_base_model
     from moe.infer import answer_nll
     from moe.model import MoRALModel
     from tasks.holdout import holdout_sample
-    from tasks.stages import base_model_identity
 
     pairs = holdout_sample(settings.holdout_size, settings.seed)
     if not pairs:
         return None
-    base_path, _ = base_model_identity(settings)
+    base_path, _ = base_model_identity(settings.base_model, settings.model_cache)
     model, tok = load_base_model(base_path)
     if artifact is not None:
         model = MoRALModel.from_pretrained(model, Path(artifact))

@@ -150,12 +150,10 @@ def refresh(settings: Settings, source: Path, facts: Sequence[dict], kind: str) 
 def _ci(values: Sequence[float], seed: int = 0) -> dict:
     from tasks.metrics import interval, mean
 
+    if not values:
+        return {"value": None, "n": 0, "ci": None}
     low, high = interval(values, seed=seed)
-    return {
-        "value": round(mean(values), 4) if values else None,
-        "n": len(values),
-        "ci": [round(low, 4), round(high, 4)],
-    }
+    return {"value": round(mean(values), 4), "n": len(values), "ci": [round(low, 4), round(high, 4)]}
 
 
 def pipeline_suites(settings: Settings, version: int) -> dict:
@@ -264,8 +262,28 @@ def score(questions: Sequence[dict], answers: Sequence[str], key: str = "answers
     return [strict_recall(a, q[key][0], q[key][1:]) for q, a in zip(questions, answers, strict=True)]
 
 
-def grouped(questions: Sequence[dict], answers: Sequence[str]) -> dict:
-    """Strict recall by split (tune/report) and group (trained/document_only), and confabulation."""
+def trained_facts(settings: Settings, facts: Sequence[dict]) -> set[str]:
+    """The corpus facts some trained pair asks about (its document, its value in question or answer):
+    a "trained" fact whose pairs all went to dev or eval (per-fact splits) was never trained."""
+    from storage.registry import Registry
+
+    reg = Registry.from_settings(settings)
+    trained = set(reg.trained_pairs())
+    names = {d.doc_id: Path(d.path).name for d in reg.documents()}
+    by_doc: dict[str, list] = {}
+    for p in reg.qa_pairs(status=None):
+        if p.qa_id in trained:
+            by_doc.setdefault(names.get(p.doc_id, ""), []).append(p)
+    return {
+        f["fact_id"]
+        for f in facts
+        if any(asks_about(p.question, p.answer, f["value"]) for p in by_doc.get(Path(f["doc"]).name, []))
+    }
+
+
+def grouped(questions: Sequence[dict], answers: Sequence[str], seen: set[str] | None = None) -> dict:
+    """Strict recall by split (tune/report) and group (trained/document_only), and confabulation;
+    with ``seen`` (facts some trained pair asks about), the trained group split by that too."""
     from tasks.metrics import is_refusal
 
     out: dict = {}
@@ -276,19 +294,37 @@ def grouped(questions: Sequence[dict], answers: Sequence[str]) -> dict:
         for group in ("trained", "document_only"):
             sub = [(q, a) for q, a in answerable if q["group"] == group]
             res[group] = _ci(score([q for q, _ in sub], [a for _, a in sub]))
+        if seen is not None:
+            for name, keep in (("trained_fact_trained", True), ("trained_fact_not_trained", False)):
+                sub = [
+                    (q, a)
+                    for q, a in answerable
+                    if q["group"] == "trained" and (q["fact_id"] in seen) == keep
+                ]
+                res[name] = _ci(score([q for q, _ in sub], [a for _, a in sub]))
         unans = [a for q, a in rows if q["group"] == "unanswerable"]
         res["confabulation"] = _ci([1.0 - is_refusal(a) for a in unans])
         out[split] = res
     return out
 
 
-def ask_suite(url: str, model: str, questions: Sequence[dict]) -> dict:
+def ask_suite(url: str, model: str, questions: Sequence[dict], seen: set[str] | None = None) -> dict:
     texts = [q["question"] for q in questions]
     out = {}
     for mode, open_book in (("closed", False), ("open", True)):
         answers = ask_all(url, model, texts, open_book)
-        out[mode] = {"scores": grouped(questions, answers), "answers": answers}
+        out[mode] = {"scores": grouped(questions, answers, seen), "answers": answers}
     return out
+
+
+def measured(settings: Settings) -> dict:
+    """Which version a figure comes from, and the gate's word on it."""
+    from storage.registry import Registry
+
+    versions = [v for v in Registry.from_settings(settings).list_versions() if v.artifact_uri]
+    if not versions:
+        return {"version": None, "status": "base model (nothing trained)"}
+    return {"version": versions[-1].version, "status": versions[-1].status}
 
 
 # --- one arm --------------------------------------------------------------------------------------
@@ -313,6 +349,7 @@ def arm_env(home: Path, arm: str, seed: int, quick: bool, extra: dict[str, str])
                 "MORAL_HOLDOUT_SIZE": "4",
                 "MORAL_DRIFT_SIZE": "4",
                 "MORAL_GATE_MIN_N": "1",
+                "MORAL_GATE_OVERRIDE": "bench --quick: a smoke run on tiny suites",
                 "MORAL_RECALL_SAMPLE": "4",
                 "MORAL_QA_PAIRS_PER_CHUNK": "2",
             }
@@ -405,6 +442,7 @@ def run_arm(
         say(f"refresh {i}: v{r.get('version')} {r.get('decision')} in {sum(r['seconds'].values()):.0f} s")
         out["refreshes"].append({"part": part, **r})
         if i == 1:
+            out["part1_version"] = measured(settings)
             with served(env) as url:
                 out["part1_at_promotion"] = {
                     m: grouped(
@@ -413,8 +451,14 @@ def run_arm(
                     for m, ob in (("closed", False), ("open", True))
                 }
     say("asking the hand-written questions")
+    seen = trained_facts(settings, corpus["facts"])
+    out["trained_facts"] = {
+        "trained": len(seen),
+        "of": sum(not f.get("document_only") for f in corpus["facts"]),
+    }
+    out["final_version"] = measured(settings)
     with served(env) as url:
-        final = ask_suite(url, latest_model(settings), questions)
+        final = ask_suite(url, latest_model(settings), questions, seen)
         out["report"] = {m: v["scores"] for m, v in final.items()}
         out["part1_after"] = {
             m: grouped(
@@ -422,7 +466,7 @@ def run_arm(
             )["report"]
             for m in ("closed", "open")
         }
-        base = ask_suite(url, "moral-refresh@base", questions) if ask_base else None
+        base = ask_suite(url, "moral-refresh@base", questions, seen) if ask_base else None
     out["similarity"] = similarity(settings, questions)
     if not quick:
         for f in sorted((CORPUS / "docs" / "edited").iterdir()):
@@ -433,7 +477,7 @@ def run_arm(
         out["refreshes"].append({"part": "edited", **r})
         eq = corpus["edit_questions"]
         with served(env) as url:
-            out["edit"] = {}
+            out["edit"] = {"measured": measured(settings)}
             for m, ob in (("closed", False), ("open", True)):
                 answers = ask_all(url, latest_model(settings), [q["question"] for q in eq], ob)
                 out["edit"][m] = {

@@ -15,6 +15,7 @@ import math
 import re
 from pathlib import Path
 
+from storage.files import write_text_atomic
 from storage.registry import Registry, format_version
 from storage.settings import Settings
 
@@ -421,7 +422,7 @@ def save_plots(settings: Settings, version: int) -> dict[str, Path]:
 def render_plots(settings: Settings, version: int, dpi: int = 100) -> dict[str, bytes]:
     """The PNGs of a version's training plots (``loss``, ``expert_load``) in memory; {} without a
     training log."""
-    log_path = settings.home / "training" / f"v{version}.json"
+    log_path = settings.training_dir / f"v{version}.json"
     if not log_path.exists():
         return {}
     import io
@@ -518,9 +519,4 @@ def write_html_report(settings: Settings, version: int | str | None = None) -> P
         parts.append("<h2>Training</h2>")
         parts += [_img(p, name) for name, p in plots.items()]
     parts.append("</body></html>")
-    out = settings.reports_dir / f"v{v.version}.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(settings.reports_dir / f"v{v.version}.html", "\n".join(parts))

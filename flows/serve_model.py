@@ -51,11 +51,10 @@ class ModelPool:
     """The base model loaded once plus up to ``max_adapters`` adapter versions built on shared weights."""
 
     def __init__(self, settings: Settings, max_adapters: int | None = None) -> None:
-        from moe.base_model import load_base_model
-        from tasks.stages import base_model_identity
+        from moe.base_model import base_model_identity, load_base_model
 
         self.settings = settings
-        self.base_path, identity = base_model_identity(settings)
+        self.base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
         self.base_sha256: str = identity["sha256"]
         self.base_name: str = identity["name"]
         self.base, self.tokenizer = load_base_model(self.base_path)
@@ -127,7 +126,7 @@ class ModelPool:
 
             # Also checks the base checksum recorded inside the adapter's own config.
             return MoRALModel.from_pretrained(base, adapter_dir, expected_base_sha256=self.base_sha256)
-        from tasks.evaluate import load_adapter
+        from moe.model import load_adapter
 
         return load_adapter(base, adapter_dir)
 

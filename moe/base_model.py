@@ -182,3 +182,10 @@ def load_base_model(
     model.to(pick_device(device))
     model.eval()
     return model, tokenizer
+
+
+def base_model_identity(base_model: str | None, cache_dir: Path) -> tuple[Path, dict]:
+    """The local directory of the configured base model (converted once, then cached) and its
+    identity (name and sha256), which every adapter version records and every load checks."""
+    path = resolve_base_model(base_model, cache_dir)
+    return path, model_identity(path)

@@ -418,3 +418,14 @@ class MoRALModel(nn.Module):
                 "ignored": sorted(set(lora) - set(self.layers)),
             }
         return report
+
+
+def load_adapter(base: nn.Module, adapter_dir: Path) -> nn.Module:
+    """A saved adapter on ``base``: a MoRAL adapter, or a plain peft LoRA (the comparison baseline),
+    told apart by its ``adapter_config.json``."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if config.get("adapter_type") == "moral":
+        return MoRALModel.from_pretrained(base, adapter_dir)
+    from .lora import load_lora
+
+    return load_lora(base, adapter_dir)

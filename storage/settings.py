@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -210,21 +210,32 @@ class Settings(BaseSettings):
             )
         return self
 
+    #: Below these sizes a check decides nothing (one question, a handful of prompts); above these
+    #: maxima it lets anything through.
+    GATE_MIN_N_FLOOR: ClassVar[int] = 30
+    FORGETTING_MIN_SIZE: ClassVar[int] = 20
+    FORGETTING_MAX_LIMIT: ClassVar[float] = 0.5
+
     def gate_weakened(self) -> list[str]:
         """The settings that switch a gate check off or make it meaningless, in words."""
         out = []
         if self.gate_min_gain < 0:
             out.append(f"gate_min_gain={self.gate_min_gain} is negative (a worse adapter would pass)")
-        if self.holdout_size == 0:
-            out.append("holdout_size=0 disables the world-knowledge forgetting check")
-        if self.drift_size == 0:
-            out.append("drift_size=0 disables the drift check")
-        if self.gate_max_nll_rise >= 1:
-            out.append(f"gate_max_nll_rise={self.gate_max_nll_rise} allows the NLL to double")
-        if self.gate_max_drift >= 1:
-            out.append(f"gate_max_drift={self.gate_max_drift} allows the drift NLL to double")
-        if self.gate_max_retention_drop >= 1:
-            out.append(f"gate_max_retention_drop={self.gate_max_retention_drop} allows losing all retention")
+        if self.gate_min_n < self.GATE_MIN_N_FLOOR:
+            out.append(f"gate_min_n={self.gate_min_n} < {self.GATE_MIN_N_FLOOR} decides on too few questions")
+        for name, what in (("holdout_size", "world-knowledge forgetting"), ("drift_size", "drift")):
+            size = getattr(self, name)
+            if size == 0:
+                out.append(f"{name}=0 disables the {what} check")
+            elif size < self.FORGETTING_MIN_SIZE:
+                out.append(
+                    f"{name}={size} < {self.FORGETTING_MIN_SIZE} makes the {what} check a point estimate"
+                )
+        for name in ("gate_max_nll_rise", "gate_max_drift", "gate_max_retention_drop"):
+            if getattr(self, name) > self.FORGETTING_MAX_LIMIT:
+                out.append(
+                    f"{name}={getattr(self, name)} > {self.FORGETTING_MAX_LIMIT} lets any forgetting pass"
+                )
         return out
 
     @field_validator("refresh_timezone", mode="after")
@@ -280,6 +291,24 @@ class Settings(BaseSettings):
     @property
     def reports_dir(self) -> Path:
         return self.home / "reports"
+
+    # Files beside the registry, one JSON per version: the evaluation's per-item scores (the gate's
+    # input), the training log (loss curve, router statistics), the bank selection, the comparison.
+    @property
+    def evaluations_dir(self) -> Path:
+        return self.home / "evaluations"
+
+    @property
+    def training_dir(self) -> Path:
+        return self.home / "training"
+
+    @property
+    def bank_dir(self) -> Path:
+        return self.home / "bank"
+
+    @property
+    def compare_dir(self) -> Path:
+        return self.home / "compare"
 
     def resolved_qa_base_url(self) -> str | None:
         return self.qa_base_url or os.environ.get("OPENAI_BASE_URL")

@@ -6,7 +6,8 @@ It keeps what changes a fact and unifies what does not:
   front of a number ("−3" ≠ "3"), every digit;
 * unified: case, articles (answers only), Unicode forms (NFKC, accents), punctuation, whitespace,
   thousands separators (a comma followed by exactly three digits: "1,150" = "1150"), leading zeros
-  of a number ("06:15" = "6:15"), "%" = "percent", a unit glued to its number ("2.4kg" = "2.4 kg").
+  of a number ("06:15" = "6:15"), a bare decimal (".5" = "0.5"), "%" = "percent", a unit glued to
+  its number ("2.4kg" = "2.4 kg"); currency symbols stay tokens ("$1,150" ≠ "€1,150").
 
 Text becomes tokens: numbers (``-?\\d+`` with ``.``/``:`` groups), codes that start with a letter
 ("q7", "ip54" stay whole, so the 7 of "Q7" is not a number of the answer), and words.  Storage
@@ -24,8 +25,11 @@ KEY_VERSION = 2
 
 _MINUS = str.maketrans({"\u2212": "-", "\u2012": "-", "\u2013": "-", "\ufe63": "-"})
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-# A sign is a '-' that does not follow a word character or a '.', directly before a digit.
-_TOKEN = re.compile(r"(?<![\w.])-\d+(?:[.:]\d+)*|[^\W_]+(?:[.:]\d+)*")
+_BARE_DECIMAL = re.compile(r"(?<![\w.])(-?)\.(?=\d)")  # ".5" is "0.5"
+# Tokens: a signed number (a '-' that does not follow a word character or a '.', directly before a
+# digit); a run ending in a digit with '.'/':' digit groups ("2.4", "6:15", "v2.4.1"); a word or code;
+# a currency symbol (a different currency is a different fact).
+_TOKEN = re.compile(r"(?<![\w.])-\d+(?:[.:]\d+)*|[^\W_]*\d(?:[.:]\d+)+|[^\W_]+|[$\u00a2-\u00a5\u20a0-\u20c0]")
 _NUMBER = re.compile(r"-?\d+(?:[.:]\d+)*")
 _NUMBER_UNIT = re.compile(r"(-?\d+(?:[.:]\d+)*)([^\W\d_]+)")
 _LEADING_ZEROS = re.compile(r"^(-?)0+(?=\d)")
@@ -37,7 +41,8 @@ def _fold(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).casefold().translate(_MINUS)
     decomposed = unicodedata.normalize("NFKD", text)
     text = unicodedata.normalize("NFC", "".join(ch for ch in decomposed if not unicodedata.combining(ch)))
-    return _THOUSANDS.sub("", text).replace("%", " percent ")
+    text = _BARE_DECIMAL.sub(r"\g<1>0.", _THOUSANDS.sub("", text))
+    return text.replace("%", " percent ")
 
 
 def tokens(text: str) -> list[str]:
@@ -78,7 +83,15 @@ def contains_span(haystack: str, needle: str) -> bool:
 
 
 def fact_key(answer: str) -> str:
-    """The value an answer states: its numbers when it has any ("2.4 kg" = "2.4 kilograms"), else its
-    normalised words.  Two answers with one key in one document are one fact (see ``fact_id_for``)."""
-    nums = numbers(answer)
-    return "#" + " ".join(sorted(nums)) if nums else normalize_answer(answer)
+    """The value an answer states: its numbers in order, each with the first letters of the word
+    after it (its unit: "2.4 kg" = "2.4 kilograms" ≠ "2.4 m"), when it has any; else its normalised
+    words.  Two answers with one key in one document are one fact (see ``fact_id_for``)."""
+    toks = [t for t in tokens(answer) if t not in ARTICLES]
+    if not any(is_number(t) for t in toks):
+        return " ".join(toks)
+    parts = []
+    for i, t in enumerate(toks):
+        if is_number(t):
+            unit = toks[i + 1] if i + 1 < len(toks) and not is_number(toks[i + 1]) else ""
+            parts.append(f"{t}{unit[:1]}")
+    return "#" + " ".join(parts)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from storage.bank import BankEntry
+from storage.files import write_json_atomic
 from storage.records import sha256_file
 from storage.registry import Registry
 from storage.settings import Settings
@@ -154,9 +155,9 @@ def add_external(
     settings: Settings, path: Path, name: str | None = None, actor: str | None = "cli"
 ) -> BankEntry:
     """Validate and register a peft LoRA adapter directory in the bank."""
-    from tasks.stages import base_model_identity
+    from moe.base_model import base_model_identity
 
-    base_path, identity = base_model_identity(settings)
+    base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
     facts = validate_external(Path(path), base_path, identity["sha256"], settings.rank)
     reg = Registry.from_settings(settings)
     return reg.add_bank_entry(
@@ -380,7 +381,7 @@ def explain(sel: BankSelection) -> str:
 
 
 def selection_path(settings: Settings, version: int) -> Path:
-    return settings.home / "bank" / f"v{version}-selection.json"
+    return settings.bank_dir / f"v{version}-selection.json"
 
 
 def record_selection(
@@ -393,15 +394,12 @@ def record_selection(
 ) -> Path:
     """Write the selection artifact beside the version (atomically) and a ``bank.selected`` event."""
     path = selection_path(settings, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {"version": version, "used": selection is not None, "reason": reason}
     if selection is not None:
         body |= selection.to_dict()
     else:
         body["explanation"] = f"No bank initialisation: {reason}."
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, body, indent=2)
     detail = {"path": str(path), "used": selection is not None, "reason": reason}
     if selection is not None:
         detail |= {

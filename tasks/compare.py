@@ -10,11 +10,11 @@ adapter store, so a second comparison reuses it, and the table is written to
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
+from storage.files import write_json_atomic
 from storage.registry import Registry
 from storage.settings import Settings
 
@@ -22,7 +22,7 @@ ARMS = ("base", "moral", "lora")
 
 
 def compare_path(settings: Settings, version: int) -> Path:
-    return settings.home / "compare" / f"v{version}.json"
+    return settings.compare_dir / f"v{version}.json"
 
 
 def _latest_moral(reg: Registry, version: int | str | None):
@@ -54,9 +54,10 @@ def compare_lora(
     settings: Settings, version: int | str | None = None, progress: Callable[[str], None] | None = None
 ) -> dict:
     """Train plain LoRA on a MoRAL version's pairs and evaluate base / MoRAL / LoRA on its suites."""
+    from moe.base_model import base_model_identity
     from storage.vectors import Embedder
     from tasks.evaluate import evaluate_adapters, evaluation_rows
-    from tasks.stages import base_memo, base_model_identity, build_suites
+    from tasks.stages import base_memo, build_suites
     from tasks.train import TrainPair, train_candidate
 
     say = progress or (lambda _m: None)
@@ -67,7 +68,7 @@ def compare_lora(
     if not pairs:
         raise ValueError(f"{v.name}'s training pairs are no longer active: nothing to train LoRA on")
     train = [TrainPair(p.qa_id, p.question, p.answer, 0 if roles[p.qa_id] == "delta" else 1) for p in pairs]
-    base_path, identity = base_model_identity(settings)
+    base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
     if v.base_model_sha256 and v.base_model_sha256 != identity["sha256"]:
         raise ValueError(f"{v.name} was trained on another base model than the configured one")
     say(f"compare: training plain LoRA on {v.name}'s {len(train)} pairs")
@@ -95,11 +96,7 @@ def compare_lora(
         "train_pairs": len(train),
         "rows": pivot(evaluation_rows(output, suites, seed=settings.seed)),
     }
-    path = compare_path(settings, v.version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(path)
+    path = write_json_atomic(compare_path(settings, v.version), result, indent=2)
     result["path"] = str(path)
     return result
 

@@ -22,7 +22,6 @@ model: the adapter is switched off to score, so every model is judged by the sam
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -118,10 +117,31 @@ class BaseMemo:
                 self._data = {}
         self._dirty = False
 
+    _salt = ""
+
+    def bind(self, model, tokenizer) -> None:
+        """Key everything also by what turns an item into the base model's output besides its
+        weights: the tokenizer and chat template, the prompt and decoding code (``moe/infer.py``),
+        dtype and library versions."""
+        import inspect
+
+        import torch
+        import transformers
+
+        import moe.infer
+        from tasks.text import stable_hash
+
+        dtype = next(iter(model.parameters())).dtype
+        template = getattr(tokenizer, "chat_template", None) or ""
+        self._salt = stable_hash(
+            type(tokenizer).__name__, len(tokenizer), template, inspect.getsource(moe.infer),
+            dtype, torch.__version__, transformers.__version__,
+        )  # fmt: skip
+
     def key(self, *parts: object) -> str:
         from tasks.text import stable_hash
 
-        return stable_hash(self.VERSION, self.base_sha256, *parts, length=40)
+        return stable_hash(self.VERSION, self.base_sha256, self._salt, *parts, length=40)
 
     def many(self, keys: Sequence[str], compute: Callable[[list[int]], list]) -> list:
         """Values for ``keys``; ``compute(missing_rows)`` returns the values of the rows not memoised."""
@@ -135,19 +155,19 @@ class BaseMemo:
         return [self._data[k] for k in keys]
 
     def save(self) -> None:
-        import json
+        from storage.files import write_json_atomic
 
         if self.path is None or not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self._data))
-        tmp.replace(self.path)  # atomic; a concurrent writer may win, which only costs a recompute
+        write_json_atomic(self.path, self._data)  # a concurrent writer may win: that only costs a recompute
         self._dirty = False
 
 
 def _ctx_text(context: object) -> str:
-    return context if isinstance(context, str) else "\x1e".join(context) if context else ""
+    """A context as key text: one passage and a tuple of passages never collide."""
+    if not context:
+        return ""
+    return f"s:{context}" if isinstance(context, str) else "t:" + "\x1e".join(context)
 
 
 def base_view(model) -> AbstractContextManager:
@@ -276,6 +296,7 @@ def evaluate_adapters(
     earlier evaluations where they can (and are saved for later ones).
     """
     from moe.base_model import load_base_model
+    from moe.model import load_adapter
 
     say = progress or (lambda _msg: None)
     out = EvalOutput(scores={}, predictions={})
@@ -283,6 +304,8 @@ def evaluate_adapters(
     suites = list(suites)
 
     def record(model_name: str, model, tokenizer) -> None:
+        if memo is not None and model_name == "base":
+            memo.bind(model, tokenizer)
         if model_name == "base":
             suites[:] = with_base_answers(
                 model, tokenizer, suites, max_new_tokens=drift_max_new_tokens, memo=memo
@@ -375,20 +398,6 @@ def evaluate_versions(
         progress=progress,
         memo=memo,
     )
-
-
-def load_adapter(base, adapter_dir: Path):
-    """A version's model: a MoRAL adapter, or (for comparisons) a plain peft LoRA, on ``base``."""
-    import json
-
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("adapter_type") == "moral":
-        from moe.model import MoRALModel
-
-        return MoRALModel.from_pretrained(base, adapter_dir)
-    from moe.lora import load_lora
-
-    return load_lora(base, adapter_dir)
 
 
 def evaluation_rows(output: EvalOutput, suites: Sequence[Suite], seed: int = 0) -> list[dict]:

@@ -115,7 +115,11 @@ def _gain_check(scores: Scores, ref: str, t: GateThresholds) -> Check:
     cand = _get(scores, GAIN_SUITE, "candidate", GAIN_METRIC)
     base = _get(scores, GAIN_SUITE, ref, GAIN_METRIC)
     n = len(cand or [])
-    if n < t.min_n or base is None:
+    if base is None or len(base) != n:
+        return Check(
+            name, False, f"no paired {ref} scores on the paraphrase questions to compare with", {"n": n}
+        )
+    if n < t.min_n:
         return Check(
             name,
             False,
@@ -141,8 +145,10 @@ def _rise_check(
 ) -> Check | None:
     cand = _get(scores, suite, "candidate", "nll")
     other = _get(scores, suite, ref, "nll")
-    if not cand or not other:
+    if not cand:
         return None
+    if not other or len(other) != len(cand):
+        return Check(name, False, f"{label}: no paired {ref} scores to compare the candidate with")
     rise, low, high = paired_ratio_ci(cand, other, seed=t.seed)
     ok = high <= limit
     return Check(

@@ -29,31 +29,6 @@ from tasks.text import (
 
 log = logging.getLogger(__name__)
 
-# The OpenAI backend's names stay importable from here (`from tasks.qa import OpenAIQAGenerator`),
-# resolved lazily: tasks.qa_openai itself imports this module.
-_OPENAI_NAMES = frozenset(
-    {
-        "OpenAIQAGenerator",
-        "PROMPT_VERSION",
-        "SYSTEM_PROMPT",
-        "QA_SCHEMA",
-        "DOC_START",
-        "DOC_END",
-        "MalformedOutput",
-        "build_messages",
-        "parse_pairs",
-    }
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _OPENAI_NAMES:
-        from tasks import qa_openai
-
-        return getattr(qa_openai, name)
-    raise AttributeError(f"module 'tasks.qa' has no attribute {name!r}")
-
-
 # --------------------------------------------------------------------------------------------------
 # Pairs, splits, validation
 

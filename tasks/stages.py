@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.corpus import DocumentIn
+from storage.files import write_json_atomic
 from storage.records import Chunk as ChunkRecord
 from storage.records import Evaluation
 from storage.records import QAPair as QARecord
@@ -185,7 +186,7 @@ class QASummary:
 def make_generator(settings: Settings):
     """The configured QA generator; the openai backend is never switched on implicitly."""
     if settings.qa_backend == "openai":
-        from tasks.qa import OpenAIQAGenerator
+        from tasks.qa_openai import OpenAIQAGenerator
 
         base_url = settings.resolved_qa_base_url()
         if not settings.qa_model:
@@ -368,6 +369,8 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
     pair_ids = [p.qa_id for p in pairs]
     present_pairs = set(store.ids(QA_PAIRS, ids=pair_ids)) if pair_ids else set()
     new_pairs = [p for p in pairs if p.qa_id not in present_pairs]
+    # Pairs indexed under an older normalisation are re-keyed first, so dedup compares like with like.
+    out.qa_rekeyed = migrate_qa_keys(store, pairs, present_pairs)
 
     if new_pairs:
         _say(progress, f"index: embedding and deduplicating {len(new_pairs)} new pairs")
@@ -381,7 +384,6 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
         kept, out.qa_held_out = hold_out_paraphrases(reg, store, [new_pairs[i] for i in rows], pairs, run_id)
         out.qa_indexed = index_qa(store, kept, embeddings[rows], run_id)
-    out.qa_rekeyed = migrate_qa_keys(store, pairs, present_pairs)
     if new_chunks:
         _say(progress, f"index: embedding {len(new_chunks)} new chunks")
         docs = {d.doc_id: d for d in reg.documents()}
@@ -418,13 +420,6 @@ class TrainSummary:
     metrics: dict = field(default_factory=dict)
     replay: dict = field(default_factory=dict)  # how the replay sample was chosen (tasks.replay)
     bank: dict = field(default_factory=dict)  # bank initialisation: used, chosen, why, artifact
-
-
-def base_model_identity(settings: Settings) -> tuple[Path, dict]:
-    from moe.base_model import model_identity, resolve_base_model
-
-    path = resolve_base_model(settings.base_model, settings.model_cache)
-    return path, model_identity(path)
 
 
 def usable_champion(reg: Registry, base_sha256: str) -> tuple[object | None, str | None]:
@@ -484,7 +479,9 @@ def train_stage(
     pairs = [TrainPair(p.qa_id, p.question, p.answer, 0) for p in delta]
     pairs += [TrainPair(p.qa_id, p.question, p.answer, 1) for p in replay]
 
-    base_path, identity = base_model_identity(settings)
+    from moe.base_model import base_model_identity
+
+    base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
     same = rejected_with_same_inputs(reg, pairs, settings, kind, identity["sha256"])
     if same is not None:
         return TrainSummary(
@@ -567,11 +564,11 @@ class EvaluateSummary:
 
 
 def scores_path(settings: Settings, version: int) -> Path:
-    return settings.home / "evaluations" / f"v{version}.json"
+    return settings.evaluations_dir / f"v{version}.json"
 
 
 def training_log_path(settings: Settings, version: int) -> Path:
-    return settings.home / "training" / f"v{version}.json"
+    return settings.training_dir / f"v{version}.json"
 
 
 def save_training_log(settings: Settings, version: int, metrics: dict) -> Path:
@@ -588,21 +585,21 @@ def save_training_log(settings: Settings, version: int, metrics: dict) -> Path:
         "final_loss",
     )
     path = training_log_path(settings, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": version, **{k: metrics[k] for k in keep if k in metrics}}))
-    tmp.replace(path)
-    return path
+    return write_json_atomic(path, {"version": version, **{k: metrics[k] for k in keep if k in metrics}})
 
 
-def held_out_suites(settings: Settings, reg: Registry, version: int) -> dict[str, list]:
-    """The delta's eval pairs as the two held-out suites, re-checked against every pair any version
-    was trained on (``tasks.splits``):
+def held_out_suites(
+    settings: Settings, reg: Registry, version: int, docs: set[str] | None = None
+) -> dict[str, list]:
+    """Eval pairs of ``docs`` (default: the version's delta documents) as the two held-out suites,
+    re-checked against every pair any version was trained on (``tasks.splits``):
 
-    * ``paraphrase`` — eval pairs of a trained fact, far (Jaccard ≤ 0.5 and cosine ≤ 0.85) from every
-      trained wording of it; a closer one is dropped, never scored;
-    * ``unseen`` — eval pairs of a fact no trained pair asks about, nor any trained pair of the same
-      document with an agreeing answer.
+    * an eval question is scored only when it is far (Jaccard ≤ 0.5 and cosine ≤ 0.85) from every
+      trained question of its document, under any of the document's versions (same path): a closer
+      one is dropped, never scored, whatever fact it was filed under;
+    * ``paraphrase`` — the rest whose fact was trained (same fact id, or a trained pair of the same
+      document whose answer agrees);
+    * ``unseen`` — the rest, facts no trained pair asks about.
     """
     from storage.vectors import Embedder
     from tasks.dedup import answers_agree
@@ -610,34 +607,31 @@ def held_out_suites(settings: Settings, reg: Registry, version: int) -> dict[str
 
     lineage = reg.trained_pairs(version)
     everything = {p.qa_id: p for p in reg.qa_pairs(status=None)}
+    if docs is None:
+        docs = {everything[q].doc_id for q, role in lineage.items() if role == "delta" and q in everything}
+    path_of = {d.doc_id: d.path for d in reg.documents()}
     trained_ids = set(lineage) | set(reg.trained_pairs())
     trained = [everything[q] for q in sorted(trained_ids) if q in everything]
-    delta_docs = {everything[q].doc_id for q, role in lineage.items() if role == "delta" and q in everything}
     by_fact: dict[str, list] = {}
-    by_doc: dict[str, list] = {}
+    by_path: dict[str, list] = {}
     for p in trained:
         by_fact.setdefault(p.fact_id, []).append(p)
-        by_doc.setdefault(p.doc_id, []).append(p)
-    candidates = [p for p in reg.qa_pairs(split="eval") if p.doc_id in delta_docs]
+        by_path.setdefault(path_of.get(p.doc_id, p.doc_id), []).append(p)
+    candidates = [p for p in reg.qa_pairs(split="eval") if p.doc_id in docs]
     out: dict[str, list] = {"paraphrase": [], "unseen": []}
     if not candidates:
         return out
-    fact_of = {}
-    for p in candidates:
-        if p.fact_id in by_fact:
-            fact_of[p.qa_id] = by_fact[p.fact_id]
-        elif agreeing := [t for t in by_doc.get(p.doc_id, ()) if answers_agree(t.answer, p.answer)]:
-            fact_of[p.qa_id] = agreeing
-    texts = sorted({p.question for p in candidates} | {t.question for ts in fact_of.values() for t in ts})
+    paths = {path_of.get(p.doc_id, p.doc_id) for p in candidates}
+    texts = sorted({p.question for p in candidates} | {t.question for x in paths for t in by_path.get(x, [])})
     row = {t: i for i, t in enumerate(texts)}
     emb = normalised_rows(Embedder.from_settings(settings).encode(texts))
     for p in candidates:
-        wordings = fact_of.get(p.qa_id)
-        if wordings is None:
-            out["unseen"].append(p)
-        elif far_apart(p.question, [t.question for t in wordings], emb[row[p.question]],
-                       emb[[row[t.question] for t in wordings]]):  # fmt: skip
-            out["paraphrase"].append(p)
+        same_doc = by_path.get(path_of.get(p.doc_id, p.doc_id), [])
+        if not far_apart(p.question, [t.question for t in same_doc], emb[row[p.question]],
+                         emb[[row[t.question] for t in same_doc]] if same_doc else None):  # fmt: skip
+            continue
+        fact_trained = p.fact_id in by_fact or any(answers_agree(t.answer, p.answer) for t in same_doc)
+        out["paraphrase" if fact_trained else "unseen"].append(p)
     return out
 
 
@@ -646,8 +640,8 @@ def build_suites(settings: Settings, reg: Registry, version: int) -> list:
 
     * ``paraphrase`` / ``unseen`` — the delta's held-out questions (see ``held_out_suites``);
     * ``trained_recall`` — a sample of the delta pairs it was trained on;
-    * ``retention`` — held-out ``eval`` pairs of documents that *earlier* versions were trained on
-      (whether or not this version replayed them), for domain retention;
+    * ``retention`` — held-out paraphrase questions of documents that *earlier* shipped versions were
+      trained on (whether or not this version replayed them), for domain retention;
     * ``faith`` / ``filter`` / ``refusal`` — the 5L-bench suites from the delta's held-out pairs;
     * ``world_knowledge`` — the FanOutQA holdout, closed-book, NLL in the format-neutral prompt;
     * ``drift`` — fixed general prompts, answered by the base model at evaluation time.
@@ -663,8 +657,10 @@ def build_suites(settings: Settings, reg: Registry, version: int) -> list:
     for v in reg.list_versions():
         if v.version < version and v.status in ("promoted", "revoked"):  # knowledge that shipped
             earlier_docs |= {active[q].doc_id for q in reg.trained_pairs(v.version) if q in active}
-    held = held_out_suites(settings, reg, version)
-    retained = [p for p in reg.qa_pairs(split="eval") if p.doc_id in earlier_docs - delta_docs]
+    held = held_out_suites(settings, reg, version, delta_docs)
+    # Retention: what earlier versions shipped, asked the held-out way (far paraphrases of trained
+    # facts of their documents); facts never trained are not knowledge that could be forgotten.
+    retained = held_out_suites(settings, reg, version, earlier_docs - delta_docs)["paraphrase"]
     recall = sorted(
         (active[q] for q, r in lineage.items() if r == "delta" and q in active), key=lambda p: p.qa_id
     )[: settings.recall_sample]
@@ -747,7 +743,9 @@ def evaluate_stage(
     reg = Registry.from_settings(settings)
     cand = reg.get_version(version)
     path = scores_path(settings, version)
-    base_path, identity = base_model_identity(settings)
+    from moe.base_model import base_model_identity
+
+    base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
     champion, note = usable_champion(reg, identity["sha256"])
     if champion is not None and champion.version == version:
         champion = None
@@ -799,36 +797,32 @@ def evaluate_stage(
         for s in suites
         if (key := s.key) in output.predictions
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "version": version,
-                "has_champion": champion is not None,
-                "champion_version": champion.version if champion is not None else None,
-                "champion_note": note,
-                "sizes": sizes,
-                "means": means,
-                "scores": output.scores,
-                "samples": samples,
-                # Per item of the document suites: the fact asked, its question and gold, and every
-                # model's answer (per-document knowledge and per-fact diffs in the reports).
-                "items": {
-                    s.key: [{"fact_id": it.ref, "question": it.question, "gold": it.answer} for it in s.items]
-                    for s in suites
-                    if s.key in output.predictions and any(it.ref for it in s.items)
-                },
-                "predictions": {
-                    s.key: output.predictions[s.key]
-                    for s in suites
-                    if s.key in output.predictions and any(it.ref for it in s.items)
-                },
-                "fact_docs": fact_documents(reg, [it.ref for s in suites for it in s.items if it.ref]),
-            }
-        )
+    write_json_atomic(  # atomic: the gate never reads half a file
+        path,
+        {
+            "version": version,
+            "has_champion": champion is not None,
+            "champion_version": champion.version if champion is not None else None,
+            "champion_note": note,
+            "sizes": sizes,
+            "means": means,
+            "scores": output.scores,
+            "samples": samples,
+            # Per item of the document suites: the fact asked, its question and gold, and every
+            # model's answer (per-document knowledge and per-fact diffs in the reports).
+            "items": {
+                s.key: [{"fact_id": it.ref, "question": it.question, "gold": it.answer} for it in s.items]
+                for s in suites
+                if s.key in output.predictions and any(it.ref for it in s.items)
+            },
+            "predictions": {
+                s.key: output.predictions[s.key]
+                for s in suites
+                if s.key in output.predictions and any(it.ref for it in s.items)
+            },
+            "fact_docs": fact_documents(reg, [it.ref for s in suites for it in s.items if it.ref]),
+        },
     )
-    tmp.replace(path)  # atomic: the gate never reads half a file
     return EvaluateSummary(version, champion is not None, note, sizes, means)
 
 
@@ -881,7 +875,3 @@ def promote_stage(
     for r in reasons:
         _say(progress, f"  {r}")
     return PromoteSummary(version, decision.status, reasons)
-
-
-def as_dict(obj) -> dict:
-    return asdict(obj)

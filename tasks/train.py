@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,9 +188,3 @@ def train_candidate(
 
     info = store.write(key, write)
     return TrainOutcome(Path(info.uri), info.sha256, dhash, params, metrics)
-
-
-def outcome_dict(outcome: TrainOutcome) -> dict:
-    d = asdict(outcome)
-    d["artifact_dir"] = str(outcome.artifact_dir)
-    return d

@@ -25,6 +25,7 @@ def tiny_home(settings, monkeypatch, tiny_model_dir, llm_endpoint, prefect_harne
         "MORAL_QA_MODEL": "loopback-qa", "MORAL_HOLDOUT_SIZE": "4", "MORAL_EPOCHS": "1",
         "MORAL_NUM_EXPERTS": "4", "MORAL_EVAL_MAX_NEW_TOKENS": "4", "MORAL_FIVEL_SIZE": "3",
         "MORAL_RECALL_SAMPLE": "4", "MORAL_DRIFT_SIZE": "4", "MORAL_GATE_MIN_N": "2",
+        "MORAL_GATE_OVERRIDE": "tests: a tiny model on tiny suites",
     }.items():  # fmt: skip
         monkeypatch.setenv(key, value)
     llm_endpoint.state.wordings = 2  # a far second wording per fact: paraphrase questions to hold out

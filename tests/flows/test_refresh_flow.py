@@ -23,6 +23,7 @@ def flow_env(settings, monkeypatch, tiny_model_dir, llm_endpoint, prefect_harnes
     monkeypatch.setenv("MORAL_QA_MODEL", "loopback-qa")
     monkeypatch.setenv("MORAL_HOLDOUT_SIZE", "4")
     monkeypatch.setenv("MORAL_DRIFT_SIZE", "4")
+    monkeypatch.setenv("MORAL_GATE_OVERRIDE", "tests: a tiny model on tiny suites")
     monkeypatch.setenv("MORAL_EPOCHS", "2")
     monkeypatch.setenv("MORAL_NUM_EXPERTS", "4")
     get_settings.cache_clear()
@@ -54,7 +55,13 @@ def test_refresh_end_to_end_then_rerun_is_a_no_op(flow_env, llm_endpoint, source
     }  # fmt: skip
     # The loopback endpoint asks each fact once: no fact has a far second wording, so there are no
     # paraphrase questions and the gate cannot decide a gain.
-    assert first["decision"] == "rejected" and "too few questions to decide" in first["reasons"][0]
+    assert first["decision"] == "rejected" and any(
+        "too few questions to decide" in r for r in first["reasons"]
+    )
+    assert first["reasons"][0] == "override: tests: a tiny model on tiny suites"  # said first, audited
+    assert [e.detail["reason"] for e in Registry(settings.registry_path).events(kind="gate.override")] == [
+        "tests: a tiny model on tiny suites"
+    ]
     store = VectorStore(settings)
     assert store.count(CHUNKS) == first["chunks"]
     assert store.count(QA_PAIRS) == first["qa_indexed"]

@@ -18,6 +18,8 @@ from storage.text import fact_key, normalize_answer, normalize_question, numbers
         ("1,15", "115"),  # not three digits after the comma: not a thousands separator
         ("v2.4.1", "v2.41"),
         ("6:15", "61:5"),
+        (".5 mm", "5 mm"),  # a bare decimal keeps its point
+        ("$1,150", "€1,150"),  # another currency is another fact
     ],
 )
 def test_what_changes_a_fact_is_kept(a, b):
@@ -40,6 +42,8 @@ def test_what_changes_a_fact_is_kept(a, b):
         ("2.4.", "2.4"),  # a full stop after a number is not a decimal point
         ("Merlin-RTK", "merlin rtk"),
         ("  many   spaces\n", "many spaces"),
+        (".5 mm", "0.5 mm"),
+        ("Answer:5", "answer 5"),  # a colon after a word is punctuation, not a time
     ],
 )
 def test_what_does_not_change_a_fact_is_unified(a, b):
@@ -63,6 +67,7 @@ def test_questions_keep_their_articles_answers_do_not():
 
 
 def test_a_fact_is_its_value():
-    assert fact_key("2.4 kg") == fact_key("2.4 kilograms") == fact_key("about 2.4")
-    assert fact_key("2.4 kg") != fact_key("24 kg")
+    assert fact_key("2.4 kg") == fact_key("2.4 kilograms") == fact_key("about 2.4 kg")
+    assert fact_key("2.4 kg") != fact_key("24 kg") and fact_key("2.4 kg") != fact_key("2.4 m")
+    assert fact_key("7/8/2021") != fact_key("8/7/2021")  # order matters
     assert fact_key("Sigrun Haldorsen") == fact_key("sigrun haldorsen.")

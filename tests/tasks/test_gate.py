@@ -153,7 +153,17 @@ def test_thresholds_come_from_settings(settings):
 
 @pytest.mark.parametrize(
     "weakening",
-    [{"gate_min_gain": -0.1}, {"holdout_size": 0}, {"drift_size": 0}, {"gate_max_nll_rise": 1.5}],
+    [
+        {"gate_min_gain": -0.1},
+        {"holdout_size": 0},
+        {"holdout_size": 5},
+        {"drift_size": 0},
+        {"drift_size": 4},
+        {"gate_min_n": 1},
+        {"gate_max_nll_rise": 1.5},
+        {"gate_max_drift": 0.99},
+        {"gate_max_retention_drop": 0.9},
+    ],
 )
 def test_settings_that_switch_a_check_off_are_refused_without_an_override(weakening, tmp_path, monkeypatch):
     key, value = next(iter(weakening.items()))
@@ -174,3 +184,11 @@ def test_settings_that_switch_a_check_off_are_refused_without_an_override(weaken
     assert s.gate_override == "a reason" and getattr(s, key) == value
     with pytest.raises(ValueError, match="needs a reason"):
         Settings(home=tmp_path, gate_override="  ")
+
+
+def test_a_forgetting_check_without_reference_scores_fails_instead_of_vanishing():
+    scores = table(*CLEAR)
+    del scores["world_knowledge"]["base"]
+    d = decide(scores, GateThresholds(), has_champion=False)
+    assert not d.promote and failed(d) == ["world_knowledge_nll_vs_base"]
+    assert "no paired base scores" in d.reasons[0]

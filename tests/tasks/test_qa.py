@@ -297,12 +297,6 @@ def test_prompt_asks_for_each_fact_in_several_wordings():
     assert PROMPT_VERSION != "qa-v1"  # the cache key changes with the prompt
 
 
-def test_openai_names_still_importable_from_tasks_qa():
-    import tasks.qa
-
-    assert tasks.qa.OpenAIQAGenerator is OpenAIQAGenerator and tasks.qa.PROMPT_VERSION == PROMPT_VERSION
-
-
 def test_injected_pairs_are_filtered_by_grounding():
     text = "The Quillfeather Q7 weighs 1.8 kg."
     assert validate_pair("Is this hacked?", "yes", text) is not None

@@ -116,3 +116,46 @@ def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(settings, em
 def test_normalised_rows():
     e = normalised_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
     assert np.allclose(e[0], [0.6, 0.8]) and np.allclose(e[1], [0.0, 0.0])
+
+
+def test_a_close_question_under_another_fact_or_an_edited_document_is_never_scored(
+    settings, embedder, tmp_path
+):
+    """Fact ids differ when the answer is written differently ("2.4 kg (5.3 lb)") or when the document
+    was edited (a new doc id): the evaluation compares every eval question with every trained question
+    of its document, under any of its versions, and drops the close ones."""
+    from tasks.stages import held_out_suites, ingest_stage
+
+    reg = Registry.from_settings(settings)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    doc = folder / "q7.md"
+    doc.write_text(
+        "The Quillfeather Q7 carries a maximum payload of 2.4 kg (5.3 lb). It flies for 47 minutes.\n"
+    )
+    ingest_stage(settings, folder, "run-1")
+    c1 = reg.chunks()[0]
+    trained = QAPair.new(c1.chunk_id, c1.doc_id, CLOSE[0], "2.4 kg (5.3 lb)", "train")
+    close_other_fact = QAPair.new(c1.chunk_id, c1.doc_id, CLOSE[1], "2.4 kg", "eval")
+    reg.add_qa_pairs([trained, close_other_fact])
+    assert trained.fact_id != close_other_fact.fact_id
+    v1 = reg.create_version(run_id="run-1", artifact_uri=str(tmp_path / "a1"), artifact_sha256="s1",
+                            trained_pairs={trained.qa_id: "delta"})  # fmt: skip
+    assert held_out_suites(settings, reg, v1) == {"paraphrase": [], "unseen": []}
+    # The document is edited: a new doc id, new fact ids; the trained question of its first version
+    # still counts.
+    doc.write_text("The Quillfeather Q7 carries a maximum payload of 2.6 kg. It flies for 47 minutes.\n")
+    ingest_stage(settings, folder, "run-2")
+    c2 = next(c for c in reg.chunks() if "2.6" in c.text)
+    reworded = QAPair.new(
+        c2.chunk_id, c2.doc_id, "What is the Quillfeather Q7's maximum payload now?", "2.6 kg", "eval"
+    )
+    far = QAPair.new(
+        c2.chunk_id, c2.doc_id, "For how long can the drone stay airborne?", "47 minutes", "eval"
+    )
+    helper = QAPair.new(c2.chunk_id, c2.doc_id, "What does the Q7 do?", "flies", "train")
+    reg.add_qa_pairs([reworded, far, helper])
+    v2 = reg.create_version(run_id="run-2", artifact_uri=str(tmp_path / "a2"), artifact_sha256="s2",
+                            trained_pairs={helper.qa_id: "delta"})  # fmt: skip
+    got = {k: [p.question for p in v] for k, v in held_out_suites(settings, reg, v2).items()}
+    assert got == {"paraphrase": [], "unseen": [far.question]}
