@@ -18,7 +18,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     from flows.params import RefreshParams
     from flows.refresh import run_refresh
 
-    params = RefreshParams(source=args.source, until=args.until)
+    params = RefreshParams(source=args.source, until=args.until or "all")
     summary = run_refresh(params, quiet=args.json)
     if args.json:
         _print_json(summary)
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "refresh", help="run one knowledge refresh (ingest -> QA -> index -> train -> evaluate -> promote)"
     )
-    p.add_argument("--source", default="examples/docs", help="folder of documents (default: examples/docs)")
+    p.add_argument("--source", help="folder of documents (default: MORAL_REFRESH_SOURCE, examples/docs)")
     p.add_argument(
         "--until", choices=["ingest", "qa", "index", "train", "evaluate"], help="stop after this stage"
     )

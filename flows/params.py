@@ -3,94 +3,78 @@ with its description and default, and the CLI builds the same object."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+
+from storage.settings import Settings
 
 Stage = Literal["ingest", "qa", "index", "train", "evaluate"]
+Until = Literal["all", "ingest", "qa", "index", "train", "evaluate"]
+DEFAULT = "default"  # a Literal setting left to MORAL_* (a plain enum in the Run form, not anyOf/null)
+
+#: The settings a run may override, as Prefect UI Run-form fields and `RefreshParams` attributes.
+#: Each field's type, bounds and description come from `storage.settings.Settings`; unset (None, or
+#: "default" for a choice) means the MORAL_* setting.
+RUN_OVERRIDABLE = (
+    "qa_backend", "epochs", "learning_rate", "num_experts", "top_k", "holdout_size", "drift_size",
+    "gate_min_gain", "gate_min_n", "gate_max_nll_rise", "gate_max_drift", "gate_max_retention_drop",
+    "gate_override", "fivel_size", "require_approval", "approval_timeout_s", "replay_budget", "bank_init",
+    "loramoe", "max_llm_calls", "max_llm_tokens",
+)  # fmt: skip
 
 
-class RefreshParams(BaseModel):
-    """Parameters of one knowledge refresh. Unset fields fall back to the ``MORAL_*`` settings."""
+def _override_field(name: str) -> tuple[Any, Any]:
+    """(annotation, Field) of one run-overridable setting, derived from its Settings field."""
+    info = Settings.model_fields[name]
+    kind = info.annotation
+    args = [a for a in get_args(kind) if a is not type(None)]
+    if get_origin(kind) is Literal:
+        return Literal[(DEFAULT, *get_args(kind))], Field(DEFAULT, description=f"{info.description} ('{DEFAULT}': the setting)")
+    inner = args[0] if len(args) == 1 else kind  # `int | None` settings keep their inner type
+    typed = Annotated[(inner, *info.metadata)] if info.metadata else inner
+    return typed | None, Field(None, description=info.description)
 
-    source: str = Field(
-        "examples/docs", description="Folder of documents to ingest (PDF, Markdown, text, HTML)."
+
+class _RunFields(BaseModel):
+    """Fields every run has besides the setting overrides."""
+
+    source: str | None = Field(
+        None,
+        description="Folder of documents to ingest (PDF, Markdown, text, HTML). Empty: MORAL_REFRESH_SOURCE.",
     )
     home: str | None = Field(
         None,
         description="Data home of this run; `moral deploy` fills in its own, absolute, so every run of a "
         "deployment uses the same one. Empty: MORAL_HOME.",
     )
-    until: Stage | None = Field(
-        None,
-        description="Stop after this stage (ingest, qa, index, train, evaluate); a later run picks up from there.",
+    until: Until = Field(
+        "all",
+        description="Stop after this stage (ingest, qa, index, train, evaluate); a later run picks up from "
+        "there. 'all': the whole refresh.",
     )
-    qa_backend: Literal["local", "openai"] | None = Field(
-        None, description="QA generator: 'local' (bundled model) or 'openai' (endpoint from settings)."
-    )
-    epochs: int | None = Field(None, ge=1, description="Training epochs (default: MORAL_EPOCHS).")
-    learning_rate: float | None = Field(
-        None, gt=0, description="Peak learning rate (default: MORAL_LEARNING_RATE)."
-    )
-    num_experts: int | None = Field(None, ge=1, description="LoRA experts per adapted linear.")
-    top_k: int | None = Field(None, ge=1, description="Experts per token.")
-    holdout_size: int | None = Field(
-        None, ge=0, description="FanOutQA world-knowledge holdout size (0 needs gate_override)."
-    )
-    drift_size: int | None = Field(
-        None, ge=0, description="General prompts measuring drift from the base model (0 needs gate_override)."
-    )
-    gate_min_gain: float | None = Field(
-        None, description="Minimum paraphrase strict-recall gain to promote (negative needs gate_override)."
-    )
-    gate_min_n: int | None = Field(
-        None, ge=1, description="Fewer paraphrase questions than this: rejected, too few to decide."
-    )
-    gate_max_nll_rise: float | None = Field(
-        None, ge=0, description="Max relative world-knowledge NLL rise (upper 95% bound)."
-    )
-    gate_max_drift: float | None = Field(
-        None, ge=0, description="Max relative drift on general prompts (upper 95% bound)."
-    )
-    gate_max_retention_drop: float | None = Field(
-        None, ge=0, description="Max domain-retention strict-recall drop (upper 95% bound)."
-    )
-    gate_override: str | None = Field(
-        None,
-        description="Reason for running with a gate check weakened or off (audited, shown with every "
-        "decision of the version).",
-    )
-    fivel_size: int | None = Field(None, ge=0, description="Items per 5L-bench suite (0 disables them).")
-    require_approval: bool | None = Field(
-        None,
-        description="Pause before promotion until someone resumes the run in the Prefect UI (needs a "
-        "Prefect server; a local run without one leaves the version a candidate 'awaiting approval').",
-    )
-    approval_timeout_s: int | None = Field(
-        None, ge=1, description="Seconds a paused run waits for approval before leaving a candidate."
-    )
-    replay_budget: int | None = Field(
-        None, ge=0, description="Earlier train pairs replayed with the delta (0 disables replay)."
-    )
-    bank_init: bool | None = Field(
-        None, description="Initialise experts from the adapter bank (default: MORAL_BANK_INIT, on)."
-    )
-    loramoe: bool | None = Field(
-        None, description="LoRAMoE mode: localized balancing over new vs retained expert groups."
-    )
-    max_llm_calls: int | None = Field(None, ge=0, description="Per-run cap on LLM calls for QA generation.")
-    max_llm_tokens: int | None = Field(None, ge=0, description="Per-run cap on LLM tokens for QA generation.")
 
     def overrides(self) -> dict:
         """The settings this run overrides (fields left unset are not included)."""
-        keys = {
-            "qa_backend", "epochs", "learning_rate", "num_experts", "top_k", "holdout_size", "drift_size",
-            "gate_min_gain", "gate_min_n", "gate_max_nll_rise", "gate_max_drift", "gate_max_retention_drop",
-            "gate_override", "max_llm_calls", "max_llm_tokens", "replay_budget", "bank_init", "loramoe",
-            "fivel_size", "require_approval", "approval_timeout_s",
-            "home",
-        }  # fmt: skip
-        return {k: v for k, v in self.model_dump().items() if k in keys and v is not None}
+        values = self.model_dump()
+        out = {k: v for k in RUN_OVERRIDABLE if (v := values.get(k)) is not None and v != DEFAULT}
+        for key, setting in (("home", "home"), ("source", "refresh_source")):
+            if values.get(key):
+                out[setting] = values[key]
+        return out
+
+    @property
+    def stop_after(self) -> str | None:
+        """The stage to stop after, or None for the whole refresh."""
+        return None if self.until == "all" else self.until
+
+
+RefreshParams = create_model(
+    "RefreshParams",
+    __base__=_RunFields,
+    __doc__="Parameters of one knowledge refresh. Unset fields fall back to the ``MORAL_*`` settings.",
+    **{name: _override_field(name) for name in RUN_OVERRIDABLE},
+)
 
 
 class RollbackParams(BaseModel):

@@ -94,7 +94,7 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
         "reasons": [],
     }
     try:
-        ing = t.ingest(settings, Path(params.source), run_id)
+        ing = t.ingest(settings, Path(settings.refresh_source), run_id)
         summary.update(_ingest_fields(ing))
         if params.until == "ingest":
             return _finish(reg, summary, started, stopped="ingest")

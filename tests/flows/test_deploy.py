@@ -56,6 +56,11 @@ def test_deployments_registered_with_schedule_limits_and_parameter_schema(
     # The Run form: every RefreshParams field, each with a description.
     props = _schema_props(nightly.parameter_openapi_schema, "RefreshParams")
     assert {"source", "until", "epochs", "qa_backend", "gate_min_gain"} <= set(props)
+    # Choices are plain enums in the Run form (a dropdown), not anyOf[enum, null] (free text).
+    assert props["until"]["enum"] == ["all", "ingest", "qa", "index", "train", "evaluate"]
+    assert (
+        props["qa_backend"]["enum"] == ["default", "local", "openai"] and "anyOf" not in props["qa_backend"]
+    )
     assert all(p.get("description") for p in props.values()), [
         k for k, p in props.items() if not p.get("description")
     ]

@@ -1,0 +1,34 @@
+"""One path for a setting: the run's parameter model is derived from `Settings` (types, bounds,
+descriptions defined once), and a run's overrides land in the settings it runs with."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from flows.params import RUN_OVERRIDABLE, RefreshParams
+from flows.refresh import settings_for
+from storage.settings import Settings
+
+
+def test_fields_copy_the_settings_descriptions_and_bounds():
+    props = RefreshParams.model_json_schema()["properties"]
+    for name in RUN_OVERRIDABLE:
+        assert Settings.model_fields[name].description in props[name]["description"], name
+    assert props["epochs"]["anyOf"][0]["minimum"] == 1  # Settings: ge=1
+    with pytest.raises(ValidationError):
+        RefreshParams(epochs=0)
+    with pytest.raises(ValidationError):
+        RefreshParams(qa_backend="gpt")
+
+
+def test_unset_fields_change_nothing_and_set_ones_override(tmp_path):
+    base = Settings(home=tmp_path / "home")
+    assert RefreshParams().overrides() == {} and settings_for(RefreshParams(), base) is base
+    run = settings_for(RefreshParams(epochs=3, qa_backend="openai", source=str(tmp_path)), base)
+    assert (run.epochs, run.qa_backend, run.refresh_source) == (3, "openai", tmp_path)
+    assert settings_for(RefreshParams(qa_backend="default"), base).qa_backend == base.qa_backend
+
+
+def test_until_all_runs_everything():
+    assert RefreshParams().stop_after is None and RefreshParams(until="index").stop_after == "index"
