@@ -488,6 +488,9 @@ def run_arm(
         m: lifelong_ratio(out["part1_at_promotion"][m]["all"], out["part1_after"][m]["all"])
         for m in ("closed", "open")
     }
+    from storage.chroma_server import stop_chroma_server
+
+    stop_chroma_server(settings)  # `moral serve` started the home's shared Chroma server; it outlives it
     out["seconds"] = {
         k: round(sum(r["seconds"].get(k, 0) for r in out["refreshes"]), 1)
         for k in ("qa_index", "train", "evaluate")

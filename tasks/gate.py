@@ -115,11 +115,11 @@ def _gain_check(scores: Scores, ref: str, t: GateThresholds) -> Check:
     cand = _get(scores, GAIN_SUITE, "candidate", GAIN_METRIC)
     base = _get(scores, GAIN_SUITE, ref, GAIN_METRIC)
     n = len(cand or [])
-    if base is None or len(base) != n:
+    if n and (base is None or len(base) != n):
         return Check(
             name, False, f"no paired {ref} scores on the paraphrase questions to compare with", {"n": n}
         )
-    if n < t.min_n:
+    if n < t.min_n or base is None:
         return Check(
             name,
             False,

@@ -192,3 +192,14 @@ def test_a_forgetting_check_without_reference_scores_fails_instead_of_vanishing(
     d = decide(scores, GateThresholds(), has_champion=False)
     assert not d.promote and failed(d) == ["world_knowledge_nll_vs_base"]
     assert "no paired base scores" in d.reasons[0]
+
+
+def test_no_paraphrase_questions_at_all_is_too_few_to_decide():
+    scores = table(*CLEAR)
+    del scores["paraphrase"]  # an empty suite is not scored
+    d = decide(scores, GateThresholds(), has_champion=False)
+    assert not d.promote and "too few questions to decide: 0 paraphrase questions" in d.reasons[0]
+    scores = table(*CLEAR)
+    del scores["paraphrase"]["base"]
+    d = decide(scores, GateThresholds(), has_champion=False)
+    assert not d.promote and "no paired base scores on the paraphrase questions" in d.reasons[0]
