@@ -36,19 +36,23 @@ def eval_rows(settings, version: str | None = None) -> list[dict]:
     ]
 
 
+def version_number(reg, version: str | None) -> int:
+    """The named version's number, or the latest one's when None (a clear error when there is none)."""
+    if version is not None:
+        return reg.get_version(version).version
+    versions = reg.list_versions()
+    if not versions:
+        raise ValueError("no adapter versions yet: run `moral refresh` first")
+    return versions[-1].version
+
+
 def rerun_evaluation(settings, version: str | None) -> int:
     """Re-evaluate a version (the latest when None) through the evaluate stage; returns its number."""
     from storage.registry import Registry
     from tasks.stages import evaluate_stage
 
     reg = Registry.from_settings(settings)
-    if version is None:
-        versions = reg.list_versions()
-        if not versions:
-            raise ValueError("no adapter versions to evaluate: run `moral refresh` first")
-        number = versions[-1].version
-    else:
-        number = reg.get_version(version).version
+    number = version_number(reg, version)
     run_id = reg.start_run({"command": "eval --rerun", "version": number})
     try:
         evaluate_stage(settings, run_id, number, force=True)
@@ -67,14 +71,7 @@ def saved_evaluation_of(settings, version: str | None) -> tuple[int, dict]:
 
     if not settings.registry_path.exists():
         raise ValueError("no registry yet: run `moral refresh` first")
-    reg = Registry.from_settings(settings)
-    if version is None:
-        versions = reg.list_versions()
-        if not versions:
-            raise ValueError("no adapter versions yet: run `moral refresh` first")
-        number = versions[-1].version
-    else:
-        number = reg.get_version(version).version
+    number = version_number(Registry.from_settings(settings), version)
     saved = saved_evaluation(settings, number)
     if saved is None:
         raise ValueError(

@@ -30,7 +30,9 @@ def _override_field(name: str) -> tuple[Any, Any]:
     kind = info.annotation
     args = [a for a in get_args(kind) if a is not type(None)]
     if get_origin(kind) is Literal:
-        return Literal[(DEFAULT, *get_args(kind))], Field(DEFAULT, description=f"{info.description} ('{DEFAULT}': the setting)")
+        return Literal[(DEFAULT, *get_args(kind))], Field(
+            DEFAULT, description=f"{info.description} ('{DEFAULT}': the setting)"
+        )
     inner = args[0] if len(args) == 1 else kind  # `int | None` settings keep their inner type
     typed = Annotated[(inner, *info.metadata)] if info.metadata else inner
     return typed | None, Field(None, description=info.description)
