@@ -22,6 +22,8 @@ WORKDIR /app
 
 # Dependencies first (a layer that survives source edits), then the source.
 COPY pyproject.toml README.md ./
+COPY cli ./cli
+COPY server ./server
 COPY flows ./flows
 COPY tasks ./tasks
 COPY moe ./moe

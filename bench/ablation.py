@@ -112,7 +112,10 @@ def world_nll(settings: Settings, artifact: str | None) -> float | None:
 
 def run_arm(name: str, work: Path, quick: bool, cache_from: Path | None) -> dict:
     from storage.registry import Registry
-    from tasks.stages import index_stage, ingest_stage, qa_stage, train_stage
+    from tasks.stages.index import index_stage
+    from tasks.stages.ingest import ingest_stage
+    from tasks.stages.qa import qa_stage
+    from tasks.stages.train import train_stage
 
     home = work / name
     shutil.rmtree(home, ignore_errors=True)

@@ -2,11 +2,11 @@
 
 Prints ONE JSON object:
 
-- ``qa_wall_over_ideal``: ``tasks.stages.qa_stage`` exactly as the flow calls it (generator built
+- ``qa_wall_over_ideal``: ``tasks.stages.qa.qa_stage`` exactly as the flow calls it (generator built
   from the settings: the OpenAI-compatible backend) for N chunks against the loopback server of
   ``tests/tasks/llm_server.py`` answering each call after 200 ms, at concurrency 16; wall time over
   the ideal ``N / 16 * 0.2 s``.
-- ``index_over_raw_encode``: ``tasks.stages.index_stage`` on M new chunks (registry read, presence
+- ``index_over_raw_encode``: ``tasks.stages.index.index_stage`` on M new chunks (registry read, presence
   check, embedding, Chroma upserts) over the bundled model's raw ``SentenceTransformer.encode`` of the
   same texts in the same process.
 - ``rerun_llm_calls`` / ``rerun_seconds``: ingest + QA + index again on the unchanged source folder.
@@ -111,7 +111,9 @@ class ServerProcess:
 
 def bench_qa_and_rerun(workdir: Path, n_chunks: int) -> dict:
     """QA stage wall time at concurrency 16, then a rerun of ingest+QA+index on unchanged input."""
-    from tasks.stages import index_stage, ingest_stage, qa_stage
+    from tasks.stages.index import index_stage
+    from tasks.stages.ingest import ingest_stage
+    from tasks.stages.qa import qa_stage
 
     rng = random.Random(0)
     src = workdir / "qa-docs"
@@ -169,7 +171,7 @@ def bench_index(workdir: Path, n_chunks: int) -> dict:
     from storage.records import Chunk
     from storage.registry import Registry
     from storage.vectors import CHUNKS, Embedder, VectorStore
-    from tasks.stages import index_stage
+    from tasks.stages.index import index_stage
 
     rng = random.Random(1)
     settings = make_settings(workdir / "index-home")
@@ -209,7 +211,7 @@ def bench_dedup(workdir: Path, n: int, threshold: float = 0.95) -> dict:
     from storage.vectors import QA_PAIRS, VectorStore
     from tasks.dedup import dedup_pairs
     from tasks.index import index_qa
-    from tasks.qa import QAPair
+    from tasks.qa import QAPair, new_pair
 
     rng = np.random.default_rng(2)
     dim = 384
@@ -219,7 +221,7 @@ def bench_dedup(workdir: Path, n: int, threshold: float = 0.95) -> dict:
 
     def pairs(prefix: str, count: int) -> list[QAPair]:
         return [
-            QAPair(
+            new_pair(
                 f"What does the {prefix} record number {i} say about item {i * 7 + 3}?",
                 f"value {prefix} {i}",
                 f"{prefix}-chunk-{i // 3}",
@@ -237,12 +239,12 @@ def bench_dedup(workdir: Path, n: int, threshold: float = 0.95) -> dict:
     # Plant duplicates: 5% of the new pairs near an indexed pair (same answer), 5% near another new one.
     planted = n // 20
     for j in range(planted):
-        new[j] = QAPair(f"Which value does old record {j} hold?", old[j].answer, new[j].chunk_id,
+        new[j] = new_pair(f"Which value does old record {j} hold?", old[j].answer, new[j].chunk_id,
                         new[j].doc_id, "bench", "bench")  # fmt: skip
         new_emb[j] = unit(old_emb[j : j + 1] + 0.05 * rng.standard_normal((1, dim)) / np.sqrt(dim))[0]
     for j in range(planted, 2 * planted):
         src = j + planted  # a later new pair from another chunk with the same answer
-        new[src] = QAPair(f"Which value is stored in new record {j}?", new[j].answer, f"other-chunk-{j}",
+        new[src] = new_pair(f"Which value is stored in new record {j}?", new[j].answer, f"other-chunk-{j}",
                           new[src].doc_id, "bench", "bench")  # fmt: skip
         new_emb[src] = unit(new_emb[j : j + 1] + 0.05 * rng.standard_normal((1, dim)) / np.sqrt(dim))[0]
 

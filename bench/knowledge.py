@@ -113,23 +113,28 @@ def drop_document_only(settings: Settings, facts: Sequence[dict], run_id: str) -
 def refresh(settings: Settings, source: Path, facts: Sequence[dict], kind: str) -> dict:
     """ingest → QA → drop document-only pairs → index → train → evaluate → promote, timed."""
     from storage.registry import Registry
-    from tasks import stages
+    from tasks.stages.evaluate import evaluate_stage
+    from tasks.stages.index import index_stage
+    from tasks.stages.ingest import ingest_stage
+    from tasks.stages.promote import promote_stage
+    from tasks.stages.qa import qa_stage
+    from tasks.stages.train import train_stage
 
     reg = Registry.from_settings(settings)
     run_id = reg.start_run({"source": str(source), "bench": "knowledge", "kind": kind})
     out: dict = {"seconds": {}}
     t0 = time.perf_counter()
-    stages.ingest_stage(settings, source, run_id)
+    ingest_stage(settings, source, run_id)
     t1 = time.perf_counter()
-    qa = stages.qa_stage(settings, run_id)
+    qa = qa_stage(settings, run_id)
     out["qa_generated"] = qa.qa_generated
     out["qa_dropped_document_only"] = drop_document_only(settings, facts, run_id)
-    idx = stages.index_stage(settings, run_id)
+    idx = index_stage(settings, run_id)
     out.update(qa_indexed=idx.qa_indexed, qa_held_out=idx.qa_held_out)
     t2 = time.perf_counter()
     out["seconds"]["ingest"] = round(t1 - t0, 1)
     out["seconds"]["qa_index"] = round(t2 - t1, 1)
-    tr = stages.train_stage(settings, run_id, kind=kind)
+    tr = train_stage(settings, run_id, kind=kind)
     t3 = time.perf_counter()
     out["seconds"]["train"] = round(t3 - t2, 1)
     out["train_pairs"] = tr.delta_pairs + tr.replay_pairs
@@ -137,10 +142,10 @@ def refresh(settings: Settings, source: Path, facts: Sequence[dict], kind: str) 
         out["version"], out["decision"], out["reasons"] = None, "skipped", [tr.reason]
         reg.finish_run(run_id, "completed", out)
         return out
-    stages.evaluate_stage(settings, run_id, tr.version)
+    evaluate_stage(settings, run_id, tr.version)
     t4 = time.perf_counter()
     out["seconds"]["evaluate"] = round(t4 - t3, 1)
-    pr = stages.promote_stage(settings, run_id, tr.version)
+    pr = promote_stage(settings, run_id, tr.version)
     out.update(version=tr.version, decision=pr.decision, reasons=pr.reasons)
     out["pipeline"] = pipeline_suites(settings, tr.version)
     reg.finish_run(run_id, "completed", out)
@@ -158,7 +163,7 @@ def _ci(values: Sequence[float], seed: int = 0) -> dict:
 
 def pipeline_suites(settings: Settings, version: int) -> dict:
     """The evaluate stage's own held-out suites and forgetting checks for one version."""
-    from tasks.stages import scores_path
+    from storage.home import scores_path
 
     saved = json.loads(scores_path(settings, version).read_text())
     scores = saved["scores"]

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows import prefect_tasks as t
 from flows.params import RefreshParams
 from flows.rollback import emit_adapter_event
 from storage.lock import refresh_lock
 from storage.registry import Registry
 from storage.settings import Settings, get_settings
-from tasks import prefect_tasks as t
 
 
 def settings_for(params: RefreshParams, base: Settings | None = None) -> Settings:
@@ -145,7 +145,7 @@ def _generate_qa(settings: Settings, run_id: str):
     """The QA stage on the task runner: one task with threads (the stage has its own bounded
     concurrency), or one task per shard of the pending chunks on Dask, so generation spreads over
     the cluster's workers. Each shard gets an equal part of the run's spend caps."""
-    from tasks.stages import merge_qa, qa_shards
+    from tasks.stages.qa import merge_qa, qa_shards
 
     shards = qa_shards(settings, settings.task_runner_workers) if settings.task_runner == "dask" else []
     if len(shards) <= 1:
@@ -163,7 +163,7 @@ def _generate_qa(settings: Settings, run_id: str):
 def _publish(settings: Settings, version: int) -> dict:
     """The run's markdown report and the registry table as Prefect artifacts, plus the version's
     plots; a reporting failure is logged and never fails a refresh whose decision is recorded."""
-    from flows.report import publish_artifacts
+    from flows.artifacts import publish_artifacts
 
     try:
         return publish_artifacts(settings, version)
@@ -190,8 +190,8 @@ def await_approval(settings: Settings, reg: Registry, run_id: str, version: int)
     (no server to resume from, or the timeout passed); `moral promote VERSION --force` or a later
     run without ``require_approval`` decides it.
     """
-    from flows.report import publish_artifacts
-    from tasks.stages import gate_decision
+    from flows.artifacts import publish_artifacts
+    from tasks.stages.promote import gate_decision
 
     _saved, decision, reasons = gate_decision(settings, version)
     if not decision.promote:

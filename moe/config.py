@@ -133,6 +133,16 @@ class MoRALConfig:
         """Per-expert LoRA scaling alpha / r (folded into the gates at run time)."""
         return self.alpha / self.rank
 
+    def router_options(self) -> dict[str, Any]:
+        """The :class:`moe.router.Router` arguments this config implies (every router is built with them)."""
+        return {
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "init_std": self.router_init_std,
+            "jitter": self.router_jitter,
+            "scale": self.scaling,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with the adapter type and format version."""
         return {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION, **asdict(self)}

@@ -208,15 +208,7 @@ class BlockRouter(Router):
     """
 
     def __init__(self, in_features: int, config: MoRALConfig, device: torch.device | None = None) -> None:
-        super().__init__(
-            in_features,
-            config.num_experts,
-            config.top_k,
-            init_std=config.router_init_std,
-            jitter=config.router_jitter,
-            scale=config.scaling,
-            device=device,
-        )
+        super().__init__(in_features, **config.router_options(), device=device)
         self.rank, self.dropout = config.rank, config.dropout
         self.input_side: list[MoRALLinear] = []  # plain list: the linears are registered on the block
         # Per block call (cleared after it): its input, routing plan and input-side products [T, n, *].

@@ -143,15 +143,7 @@ class MoRALModel(nn.Module):
             router = None
             if cfg.router_scope == "linear":
                 in_features, _ = linear_features(base_layer)
-                router = Router(
-                    in_features,
-                    cfg.num_experts,
-                    cfg.top_k,
-                    init_std=cfg.router_init_std,
-                    jitter=cfg.router_jitter,
-                    scale=cfg.scaling,
-                    device=base_layer.weight.device,
-                )
+                router = Router(in_features, **cfg.router_options(), device=base_layer.weight.device)
                 self._new_router(router, name)
             layer = MoRALLinear(base_layer, cfg, router)
             setattr(parent, child, layer)

@@ -252,6 +252,16 @@ class Version:
     def name(self) -> str:
         return format_version(self.version)
 
+    def other_base(self, base_sha256: str) -> str | None:
+        """Why this version's adapter must not be loaded on the base model ``base_sha256`` (it was
+        trained on another one), or None when it fits.  Train, compare and serve all ask this."""
+        if self.base_model_sha256 and self.base_model_sha256 != base_sha256:
+            return (
+                f"{self.name} was trained on another base model (sha256 {self.base_model_sha256[:12]}..., "
+                f"configured {base_sha256[:12]}...)"
+            )
+        return None
+
 
 @dataclass(frozen=True)
 class Rollback:

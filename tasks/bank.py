@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage.bank import BankEntry
 from storage.files import write_json_atomic
+from storage.home import selection_path
 from storage.records import sha256_file
 from storage.registry import Registry
 from storage.settings import Settings
@@ -378,10 +379,6 @@ def explain(sel: BankSelection) -> str:
         + (f"; experts {len(sel.chosen)}-{sel.num_experts - 1} start fresh." if fresh else ".")
         + (f" Skipped {len(sel.skipped)} entries that could not be used." if sel.skipped else "")
     )
-
-
-def selection_path(settings: Settings, version: int) -> Path:
-    return settings.bank_dir / f"v{version}-selection.json"
 
 
 def record_selection(

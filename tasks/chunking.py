@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from storage.records import chunk_id_for
+from storage.records import Chunk, chunk_id_for
 
 # Abbreviations whose trailing period does not end a sentence.
 _ABBREVIATIONS = frozenset(
@@ -28,16 +28,6 @@ _BOUNDARY = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 class Page:
     number: int  # 1-based
     text: str
-
-
-@dataclass(frozen=True)
-class Chunk:
-    chunk_id: str
-    doc_id: str
-    idx: int
-    page: int  # page where the chunk starts
-    text: str
-    n_tokens: int
 
 
 def _looks_like_heading(prev: str, line: str) -> bool:
@@ -121,7 +111,7 @@ def chunk_pages(doc_id: str, pages: Sequence[Page], chunk_tokens: int, overlap: 
         toks = [t for _, ts in current for t in ts]
         text = " ".join(toks)
         idx = len(chunks)
-        chunks.append(Chunk(make_chunk_id(doc_id, idx, text), doc_id, idx, current[0][0], text, len(toks)))
+        chunks.append(Chunk(make_chunk_id(doc_id, idx, text), doc_id, idx, text, current[0][0], len(toks)))
 
     def overlap_units(prev: list[tuple[int, list[str]]]) -> list[tuple[int, list[str]]]:
         if overlap == 0:

@@ -15,14 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from storage.files import write_json_atomic
+from storage.home import compare_path
 from storage.registry import Registry
 from storage.settings import Settings
 
 ARMS = ("base", "moral", "lora")
-
-
-def compare_path(settings: Settings, version: int) -> Path:
-    return settings.compare_dir / f"v{version}.json"
 
 
 def _latest_moral(reg: Registry, version: int | str | None):
@@ -57,7 +54,7 @@ def compare_lora(
     from moe.base_model import base_model_identity
     from storage.vectors import Embedder
     from tasks.evaluate import evaluate_adapters, evaluation_rows
-    from tasks.stages import base_memo, build_suites
+    from tasks.stages.evaluate import base_memo, build_suites
     from tasks.train import TrainPair, train_candidate
 
     say = progress or (lambda _m: None)
@@ -69,8 +66,8 @@ def compare_lora(
         raise ValueError(f"{v.name}'s training pairs are no longer active: nothing to train LoRA on")
     train = [TrainPair(p.qa_id, p.question, p.answer, 0 if roles[p.qa_id] == "delta" else 1) for p in pairs]
     base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
-    if v.base_model_sha256 and v.base_model_sha256 != identity["sha256"]:
-        raise ValueError(f"{v.name} was trained on another base model than the configured one")
+    if why := v.other_base(identity["sha256"]):
+        raise ValueError(why)
     say(f"compare: training plain LoRA on {v.name}'s {len(train)} pairs")
     lora = train_candidate(settings, base_path, identity["sha256"], train, kind="lora")
     suites = build_suites(settings, reg, v.version)

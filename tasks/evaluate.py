@@ -1,6 +1,6 @@
 """Evaluate stage: base, champion and candidate on the same suites, each in batched passes.
 
-Suites (closed-book unless noted; see ``tasks.stages.build_suites`` and ``tasks.splits``):
+Suites (closed-book unless noted; see ``tasks.stages.evaluate.build_suites`` and ``tasks.splits``):
 
 * ``paraphrase`` — facts trained as QA, asked in a wording far from every trained one (the gate's);
 * ``unseen`` — facts of the delta's documents that no trained pair asks about;

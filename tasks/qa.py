@@ -16,13 +16,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from storage.records import fact_id_for, qa_id_for
+from storage.records import QAPair, fact_id_for
 from tasks.chunking import split_sentences
 from tasks.splits import fact_split
 from tasks.text import (
     normalize_answer,
     normalize_question,
-    qa_key,
     sha256_text,
     stable_hash,
 )
@@ -33,30 +32,13 @@ log = logging.getLogger(__name__)
 # Pairs, splits, validation
 
 
-@dataclass
-class QAPair:
-    question: str
-    answer: str
-    chunk_id: str
-    doc_id: str
-    generator: str
-    prompt_version: str
-    qa_id: str = ""
-    split: str = ""
-    fact_id: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.qa_id:  # the registry's definition: normalised question + answer + chunk
-            self.qa_id = qa_id_for(self.question, self.answer, self.chunk_id)
-        if not self.fact_id:
-            self.fact_id = fact_id_for(self.doc_id, self.answer)
-        if not self.split:  # per fact; the index stage may hold a far wording out as a paraphrase
-            self.split = fact_split(self.fact_id)
-
-    @property
-    def key(self) -> str:
-        """Exact-duplicate key (normalised question + answer; independent of the chunk)."""
-        return qa_key(self.question, self.answer)
+def new_pair(
+    question: str, answer: str, chunk_id: str, doc_id: str, generator: str, prompt_version: str
+) -> QAPair:
+    """A generated pair as the registry records it: deterministic id, fact id, and its split (per
+    fact; the index stage may later hold a far wording out as a paraphrase)."""
+    split = fact_split(fact_id_for(doc_id, answer))
+    return QAPair.new(chunk_id, doc_id, question, answer, split, generator, prompt_version)  # type: ignore[arg-type]
 
 
 Q_WORDS = (3, 40)
@@ -297,7 +279,7 @@ def pairs_from_response(
         if reason is not None:
             result.rejected.append((chunk.chunk_id, q, reason))
             continue
-        pair = QAPair(q, a, chunk.chunk_id, chunk.doc_id, generator, prompt_version)
+        pair = new_pair(q, a, chunk.chunk_id, chunk.doc_id, generator, prompt_version)
         if pair.qa_id not in seen:
             seen.add(pair.qa_id)
             result.pairs.append(pair)

@@ -49,23 +49,49 @@ def data_hash(pairs: Sequence[TrainPair]) -> str:
     return h.hexdigest()
 
 
+#: The settings that change the trained weights, recorded with the version (``train_params.json``,
+#: the registry's params) and hashed into the artifact key.  Defined here once.
+TRAINED_WITH = ("rank", "alpha", "epochs", "learning_rate", "batch_size", "seed", "warm_start")
+TRAINED_WITH_MORAL = ("num_experts", "top_k")
+#: Settings added after adapters were already trained, with the value every earlier adapter was
+#: trained with: such a setting is recorded only when it differs, so earlier artifact keys stay valid.
+ADDED_LATER = {"loramoe": False}
+
+
 def train_params(settings: Settings, kind: str = "moral") -> dict:
     """Every setting that changes the trained weights, recorded with the version."""
-    params = {
-        "kind": kind,
-        "rank": settings.rank,
-        "alpha": settings.alpha,
-        "epochs": settings.epochs,
-        "learning_rate": settings.learning_rate,
-        "batch_size": settings.batch_size,
-        "seed": settings.seed,
-        "warm_start": settings.warm_start,
-    }
+    names = TRAINED_WITH + (TRAINED_WITH_MORAL if kind == "moral" else ())
+    params: dict[str, Any] = {"kind": kind, **{name: getattr(settings, name) for name in names}}
     if kind == "moral":
-        params.update(num_experts=settings.num_experts, top_k=settings.top_k)
-        if settings.loramoe:  # recorded only when on, so earlier artifact keys stay valid
-            params["loramoe"] = True
+        params |= {k: getattr(settings, k) for k, old in ADDED_LATER.items() if getattr(settings, k) != old}
     return params
+
+
+def train_config(settings: Settings):
+    """The trainer's :class:`moe.train.TrainConfig`, from Settings (the one place it is built)."""
+    from moe.train import TrainConfig
+
+    return TrainConfig(
+        epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
+
+
+def moral_config(settings: Settings, base_path: Path, base_sha256: str):
+    """A fresh adapter's :class:`moe.config.MoRALConfig`, from Settings (the one place it is built)."""
+    from moe.config import MoRALConfig
+
+    return MoRALConfig(
+        num_experts=settings.num_experts,
+        top_k=settings.top_k,
+        rank=settings.rank,
+        alpha=settings.alpha,
+        base_model_name_or_path=str(base_path),
+        base_model_sha256=base_sha256,
+        **loramoe_options(settings),
+    )
 
 
 def loramoe_options(settings: Settings) -> dict[str, Any]:
@@ -128,10 +154,9 @@ def train_candidate(
 
     # Heavy imports only here: a run with nothing to train never loads torch.
     from moe.base_model import load_base_model
-    from moe.config import MoRALConfig
     from moe.lora import make_lora_model
     from moe.model import MoRALModel
-    from moe.train import Example, TrainConfig, train
+    from moe.train import Example, train
 
     base, tokenizer = load_base_model(base_path)
     if kind == "moral":
@@ -141,16 +166,7 @@ def train_candidate(
             if settings.loramoe:  # the parent's saved balance loss gives way to this run's mode
                 model.moral_config.balance_loss = "localized"
         else:
-            cfg = MoRALConfig(
-                num_experts=settings.num_experts,
-                top_k=settings.top_k,
-                rank=settings.rank,
-                alpha=settings.alpha,
-                base_model_name_or_path=str(base_path),
-                base_model_sha256=base_sha256,
-                **loramoe_options(settings),
-            )
-            model = MoRALModel(base, cfg)
+            model = MoRALModel(base, moral_config(settings, base_path, base_sha256))
             if bank_init is not None:
                 from moe.bank import load_expert
 
@@ -160,12 +176,7 @@ def train_candidate(
         model = make_lora_model(base, rank=settings.rank, alpha=settings.alpha)
 
     examples = [Example(question=p.question, answer=p.answer, sample_group=p.group) for p in pairs]
-    tcfg = TrainConfig(
-        epochs=settings.epochs,
-        learning_rate=settings.learning_rate,
-        batch_size=settings.batch_size,
-        seed=settings.seed,
-    )
+    tcfg = train_config(settings)
     started = time.perf_counter()
     result = train(model, tokenizer, examples, tcfg, callback=progress)
     seconds = time.perf_counter() - started

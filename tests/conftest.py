@@ -10,6 +10,7 @@ from storage.settings import OFFLINE_ENV
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
+import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 import pytest  # noqa: E402
 
 from storage.settings import Settings, get_settings  # noqa: E402
+from tests.tasks.llm_server import LLMServer  # noqa: E402
 
 if TYPE_CHECKING:
     from storage.vectors import Embedder
@@ -67,3 +69,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# Flow, CLI and server tests: the Prefect test harness, the loopback LLM endpoint, a source folder.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "docs"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def llm_endpoint() -> Iterator[LLMServer]:
+    server = LLMServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def source_dir(tmp_path: Path) -> Path:
+    """The example corpus plus one corrupt PDF, in a folder of its own."""
+    src = tmp_path / "docs"
+    shutil.copytree(EXAMPLES, src)
+    (src / "broken.pdf").write_bytes(b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\ntruncated")
+    return src

@@ -76,7 +76,7 @@ def test_the_release_adapter_key_is_found_again(release_settings):
 
 
 def test_the_server_answers_with_the_release_champion(release_settings):
-    from flows.serve_model import answer_question
+    from server.model import answer_question
 
     out = answer_question("Who designed the Quillfeather Q7?", settings=release_settings)
     assert out["version"] == "v1" and isinstance(out["answer"], str)

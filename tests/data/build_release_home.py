@@ -62,14 +62,16 @@ def main() -> None:
     src.mkdir(parents=True)
     (src / "q7.md").write_text(DOC, encoding="utf-8")
 
-    from tasks import stages
+    from tasks.stages.index import index_stage
+    from tasks.stages.ingest import ingest_stage
+    from tasks.stages.train import train_stage
 
-    stages.ingest_stage(settings, src, "release-0")
+    ingest_stage(settings, src, "release-0")
     reg = Registry.from_settings(settings)
     chunk = reg.chunks()[0]
     reg.add_qa_pairs([QAPair.new(chunk.chunk_id, chunk.doc_id, q, a, "train") for q, a in PAIRS])
-    stages.index_stage(settings, "release-1")
-    trained = stages.train_stage(settings, "release-2")
+    index_stage(settings, "release-1")
+    trained = train_stage(settings, "release-2")
     assert trained.version == 1, trained
     from flows.rollback import promote_version
 

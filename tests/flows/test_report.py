@@ -7,19 +7,14 @@ import json
 
 import pytest
 
+from flows.artifacts import artifact_key
 from flows.refresh import await_approval
-from flows.report import (
-    REGISTRY_TABLE_KEY,
-    artifact_key,
-    evaluation_markdown,
-    expert_load_per_layer,
-    save_plots,
-    write_html_report,
-)
+from storage.home import scores_path
 from storage.records import Evaluation
 from storage.registry import Registry
 from tasks.evaluate import EvalOutput, Suite, evaluation_rows
-from tasks.stages import scores_path
+from tasks.plots import expert_load_per_layer, save_plots, write_html_report
+from tasks.report import REGISTRY_TABLE_KEY, evaluation_markdown
 
 # Candidate clearly better on paraphrase questions, no forgetting: the gate would promote (with
 # gate_min_n lowered to the 4 questions here).
@@ -117,7 +112,7 @@ def test_require_approval_pauses_in_a_flow_run_and_times_out(home, prefect_harne
     from prefect import flow
     from prefect.artifacts import Artifact
 
-    from flows.report import publish_artifacts
+    from flows.artifacts import publish_artifacts
 
     settings, reg, version = home
     settings = settings.model_copy(update={"approval_timeout_s": 2})

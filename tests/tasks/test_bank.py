@@ -13,11 +13,12 @@ from moe.bank import abs_cosine_matrix, load_expert, lora_inner, most_diverse_gr
 from moe.base_model import load_base_model, model_identity
 from moe.config import MoRALConfig
 from moe.model import MoRALModel, read_peft_lora
+from storage.home import selection_path
 from storage.records import Chunk, QAPair
 from storage.registry import Registry
-from tasks.bank import dev_examples, load_entry, record_selection, select_from_bank, selection_path
+from tasks.bank import dev_examples, load_entry, record_selection, select_from_bank
 from tasks.train import TrainPair, train_candidate
-from tests.flows.test_cli_bank import save_peft_lora
+from tests.cli.test_cli_bank import save_peft_lora
 
 
 def rand_lora(seed: int, modules=("m.a", "m.b"), r: int = 2, d_in: int = 6, d_out: int = 5) -> dict:
@@ -173,7 +174,7 @@ def test_selection_scores_chooses_and_records(tiny, tiny_model_dir, tmp_path):
 
 
 def test_train_stage_initialises_from_the_bank(tiny, tiny_model_dir):
-    from tasks.stages import train_stage
+    from tasks.stages.train import train_stage
 
     reg = Registry.from_settings(tiny)
     first, _ = _seed_registry(reg)

@@ -10,13 +10,13 @@ import pytest
 from storage.vectors import QA_PAIRS, VectorStore
 from tasks.dedup import answers_agree, dedup_pairs, embedding_text
 from tasks.index import index_qa
-from tasks.qa import QAPair
+from tasks.qa import QAPair, new_pair
 
 THRESHOLD = 0.9
 
 
 def pair(q: str, a: str, chunk: str = "c1", doc: str = "d1") -> QAPair:
-    return QAPair(q, a, chunk, doc, "test", "v")
+    return new_pair(q, a, chunk, doc, "test", "v")
 
 
 def embed(embedder, pairs):

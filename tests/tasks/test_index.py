@@ -8,7 +8,8 @@ from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
 from tasks.chunking import Page, chunk_pages
 from tasks.dedup import embedding_text
 from tasks.index import index_chunks, index_qa, restore, retire
-from tasks.qa import QAPair
+from tasks.qa import new_pair
+from tasks.text import qa_key
 
 TEXT = (
     "The Quillfeather Q7 weighs 1.8 kg and carries a maximum payload of 2.4 kg. "
@@ -53,15 +54,17 @@ def test_index_adds_only_new_ids_in_a_mixed_batch(store):
 
 def test_index_qa_metadata_and_idempotence(store, embedder):
     pairs = [
-        QAPair("What is the maximum payload of the Quillfeather Q7?", "2.4 kg", "c1", "docA", "g", "v"),
-        QAPair("How long does the Q7 battery last?", "42 minutes", "c2", "docA", "g", "v"),
+        new_pair("What is the maximum payload of the Quillfeather Q7?", "2.4 kg", "c1", "docA", "g", "v"),
+        new_pair("How long does the Q7 battery last?", "42 minutes", "c2", "docA", "g", "v"),
     ]
     emb = embedder.encode([embedding_text(p.question, p.answer) for p in pairs])
     assert index_qa(store, pairs, emb, "run1") == 2
     assert index_qa(store, pairs, emb, "run2") == 0
     rec = store.get(QA_PAIRS, ids=[pairs[0].qa_id])[0]
     assert rec.metadata["split"] == pairs[0].split and rec.metadata["run_id"] == "run1"
-    assert rec.metadata["answer"] == "2.4 kg" and rec.metadata["qa_key"] == pairs[0].key
+    assert rec.metadata["answer"] == "2.4 kg" and rec.metadata["qa_key"] == qa_key(
+        pairs[0].question, pairs[0].answer
+    )
     assert rec.text == embedding_text(pairs[0].question, pairs[0].answer)
     with pytest.raises(ValueError):
         index_qa(store, pairs, emb[:1], "run3")
@@ -70,7 +73,7 @@ def test_index_qa_metadata_and_idempotence(store, embedder):
 def test_retire_and_restore(store, embedder):
     a, b = chunks_of("docA"), chunks_of("docB")
     index_chunks(store, a + b, {}, "run1")
-    pairs = [QAPair("How long does the Q7 battery last?", "42 minutes", a[0].chunk_id, "docA", "g", "v")]
+    pairs = [new_pair("How long does the Q7 battery last?", "42 minutes", a[0].chunk_id, "docA", "g", "v")]
     index_qa(store, pairs, embedder.encode([embedding_text(pairs[0].question, pairs[0].answer)]), "run1")
     assert retire(store, ["docA"]) == len(a) + 1
     assert retire(store, ["docA"]) == 0  # idempotent
@@ -94,7 +97,8 @@ def test_reindexing_a_retired_chunk_reactivates_it(store):
 
 
 def test_index_stage_reactivates_the_vectors_of_a_document_that_comes_back(settings, embedder, tmp_path):
-    from tasks.stages import index_stage, ingest_stage
+    from tasks.stages.index import index_stage
+    from tasks.stages.ingest import ingest_stage
 
     src = tmp_path / "src"
     src.mkdir()
@@ -130,8 +134,8 @@ def test_pairs_indexed_under_the_old_normalisation_are_rekeyed_once(store, embed
     from tasks.index import migrate_qa_keys
 
     pairs = [
-        QAPair("What is the maximum payload of the Q7?", "2.4 kg", "c1", "docA", "g", "v"),
-        QAPair("How long does the Q7 battery last?", "42 minutes", "c2", "docA", "g", "v"),
+        new_pair("What is the maximum payload of the Q7?", "2.4 kg", "c1", "docA", "g", "v"),
+        new_pair("How long does the Q7 battery last?", "42 minutes", "c2", "docA", "g", "v"),
     ]
     # As an older release indexed them: another dedup key, no fact id, no key version.
     texts = [embedding_text(p.question, p.answer) for p in pairs]
@@ -141,5 +145,9 @@ def test_pairs_indexed_under_the_old_normalisation_are_rekeyed_once(store, embed
     assert migrate_qa_keys(store, pairs, present) == 2
     for p in pairs:
         meta = store.get(QA_PAIRS, ids=[p.qa_id])[0].metadata
-        assert meta["qa_key"] == p.key and meta["fact_id"] == p.fact_id and meta["key_version"] == KEY_VERSION
+        assert (
+            meta["qa_key"] == qa_key(p.question, p.answer)
+            and meta["fact_id"] == p.fact_id
+            and meta["key_version"] == KEY_VERSION
+        )
     assert migrate_qa_keys(store, pairs, present) == 0  # nothing old is left: no work the second time

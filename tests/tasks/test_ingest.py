@@ -309,7 +309,7 @@ def mixed_folder(root: Path, outside: Path) -> dict[str, str]:
 
 def test_ingest_stage_mixed_folder_then_rerun_adds_nothing(settings, tmp_path):
     from storage.registry import Registry
-    from tasks.stages import ingest_stage
+    from tasks.stages.ingest import ingest_stage
 
     root = tmp_path / "src"
     expected = mixed_folder(root, tmp_path / "outside")
@@ -341,7 +341,7 @@ def test_ingest_stage_mixed_folder_then_rerun_adds_nothing(settings, tmp_path):
 def test_changed_and_deleted_files_retire_their_chunks_and_pairs(settings, tmp_path):
     from storage.records import QAPair as PairRecord
     from storage.registry import Registry
-    from tasks.stages import ingest_stage
+    from tasks.stages.ingest import ingest_stage
 
     root = tmp_path / "src"
     write(root / "a.md", "The Quillfeather Q7 weighs 1.8 kg and flies for 42 minutes.\n")
@@ -377,7 +377,7 @@ def test_a_scan_only_retires_documents_under_its_own_source_root(settings, tmp_p
     """Successive refreshes may point at different folders (one per team, one per batch): a scan of
     one folder never retires what came from another; a deletion inside it still does."""
     from storage.registry import Registry
-    from tasks.stages import ingest_stage
+    from tasks.stages.ingest import ingest_stage
 
     first, second = tmp_path / "team-a", tmp_path / "team-b"
     write(first / "a.md", "The Quillfeather Q7 weighs 1.8 kg and flies for 42 minutes.\n")
@@ -397,7 +397,7 @@ def test_a_scan_only_retires_documents_under_its_own_source_root(settings, tmp_p
 
 def test_quarantined_bytes_under_a_new_name_stay_quarantined(settings, tmp_path):
     from storage.registry import Registry
-    from tasks.stages import ingest_stage
+    from tasks.stages.ingest import ingest_stage
 
     root = tmp_path / "src"
     write(root / "bad.pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\ntruncated")
@@ -414,7 +414,7 @@ def test_quarantined_bytes_under_a_new_name_stay_quarantined(settings, tmp_path)
 
 def test_fixed_or_removed_files_leave_the_quarantine_list(settings, tmp_path):
     from storage.registry import Registry
-    from tasks.stages import ingest_stage
+    from tasks.stages.ingest import ingest_stage
 
     root = tmp_path / "src"
     write(root / "fixme.txt", b"")

@@ -45,7 +45,7 @@ FERRY = (
 
 
 def chunk(text: str, i: int = 0) -> Chunk:
-    return Chunk(make_chunk_id("doc", i, text), "doc", i, 1, text, len(text.split()))
+    return Chunk(make_chunk_id("doc", i, text), "doc", i, text, 1, len(text.split()))
 
 
 # --- rules --------------------------------------------------------------------------------------

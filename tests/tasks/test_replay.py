@@ -94,7 +94,7 @@ def test_never_dev_eval_or_ineligible_pairs(store):
 
 
 def test_train_stage_replays_the_selection_and_records_roles(settings, embedder, tiny_model_dir: Path):
-    from tasks.stages import train_stage
+    from tasks.stages.train import train_stage
 
     s = settings.model_copy(
         update={

@@ -16,7 +16,9 @@ SETS = {
 
 
 def test_third_version_is_evaluated_for_retention_of_the_first_set(settings, embedder, tmp_path: Path):
-    from tasks.stages import build_suites, index_stage, ingest_stage
+    from tasks.stages.evaluate import build_suites
+    from tasks.stages.index import index_stage
+    from tasks.stages.ingest import ingest_stage
 
     s = settings.model_copy(update={"fivel_size": 0, "holdout_size": 0})
     reg = Registry.from_settings(s)

@@ -69,7 +69,9 @@ def test_choose_paraphrases_holds_out_one_far_wording_and_keeps_one_trained(embe
 
 
 def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(settings, embedder, tmp_path: Path):
-    from tasks.stages import held_out_suites, index_stage, ingest_stage
+    from tasks.stages.evaluate import held_out_suites
+    from tasks.stages.index import index_stage
+    from tasks.stages.ingest import ingest_stage
 
     s = settings.model_copy(update={"fivel_size": 0})
     reg = Registry.from_settings(s)
@@ -124,7 +126,8 @@ def test_a_close_question_under_another_fact_or_an_edited_document_is_never_scor
     """Fact ids differ when the answer is written differently ("2.4 kg (5.3 lb)") or when the document
     was edited (a new doc id): the evaluation compares every eval question with every trained question
     of its document, under any of its versions, and drops the close ones."""
-    from tasks.stages import held_out_suites, ingest_stage
+    from tasks.stages.evaluate import held_out_suites
+    from tasks.stages.ingest import ingest_stage
 
     reg = Registry.from_settings(settings)
     folder = tmp_path / "docs"

@@ -76,7 +76,8 @@ def test_a_rejected_versions_pairs_are_trained_again_but_never_on_identical_inpu
     the same pairs with the same parameters are not trained into the same adapter night after night."""
     from storage.records import QAPair as PairRecord
     from storage.registry import Registry
-    from tasks.stages import ingest_stage, train_stage
+    from tasks.stages.ingest import ingest_stage
+    from tasks.stages.train import train_stage
 
     src = tmp_path / "docs"
     src.mkdir()
@@ -105,3 +106,23 @@ def test_a_rejected_versions_pairs_are_trained_again_but_never_on_identical_inpu
 
     settled = train_stage(tiny_settings, "run-4")
     assert settled.version is None and settled.reason.startswith("no new training pairs")
+
+
+def test_recorded_params_keep_earlier_keys_and_configs_come_from_settings(tiny_settings):
+    """A setting added later is recorded only when it differs from what earlier adapters were trained
+    with; the trainer's and adapter's configs take every value Settings has for them."""
+    import dataclasses
+
+    from moe.train import TrainConfig
+    from tasks.train import moral_config, train_config, train_params
+
+    params = train_params(tiny_settings)
+    assert set(params) == {"kind", "rank", "alpha", "epochs", "learning_rate", "batch_size", "seed",
+                           "warm_start", "num_experts", "top_k"}  # fmt: skip
+    assert train_params(tiny_settings.model_copy(update={"loramoe": True}))["loramoe"] is True
+    assert "num_experts" not in train_params(tiny_settings, kind="lora")
+    tcfg = train_config(tiny_settings)
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} & set(type(tiny_settings).model_fields)
+    assert shared and all(getattr(tcfg, k) == getattr(tiny_settings, k) for k in shared)
+    mcfg = moral_config(tiny_settings, Path("base"), "sha")
+    assert (mcfg.num_experts, mcfg.rank, mcfg.base_model_sha256) == (2, 2, "sha")

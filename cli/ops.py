@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli_util import print_json
+from cli.util import print_json
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -87,7 +87,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import run_server
+    from server.app import run_server
     from storage.settings import get_settings
 
     run_server(get_settings(), host=args.host, port=args.port)

@@ -19,12 +19,12 @@ import openai
 import pytest
 import torch
 
-from flows.serve import MODEL_ID, VERSION_HEADER, Detokenizer, create_app
-from flows.serve_model import Engine, ModelPool
 from moe.base_model import load_base_model, model_identity
 from moe.config import MoRALConfig
 from moe.infer import generate_answers
 from moe.model import MoRALModel
+from server.app import MODEL_ID, VERSION_HEADER, Detokenizer, create_app
+from server.model import Engine, ModelPool
 from storage.artifacts import AdapterStore
 from storage.registry import Registry
 from storage.settings import Settings
@@ -348,7 +348,7 @@ def test_detokenizer_holds_back_a_possible_stop_string(tiny_model_dir):
 
 
 def test_serve_is_a_cli_command():
-    from flows.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "9001"])
     assert (args.host, args.port, args.func.__name__) == ("0.0.0.0", 9001, "cmd_serve")

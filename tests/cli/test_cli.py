@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flows.cli import main
+from cli.main import main
 from storage.registry import Registry
 from storage.settings import get_settings
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from cli.main import main
 from storage.artifacts import AdapterStore
 from storage.registry import Registry
 

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flows.cli_util import print_json
+from cli.util import print_json
+from tasks.documents import match_documents, purge_document
 
 if TYPE_CHECKING:
-    from storage.records import Document
     from storage.registry import Registry
     from storage.settings import Settings
 
@@ -33,27 +33,6 @@ def _registry(settings: Settings, must_exist: bool) -> Registry | None:
             raise FileNotFoundError(f"no registry at {settings.registry_path}: run `moral refresh` first")
         return None
     return Registry.from_settings(settings)
-
-
-def match_documents(reg: Registry, path: str) -> list[Document]:
-    """Documents (any status, every content a path has had) recorded at ``path``.
-
-    Registry paths are absolute; a relative argument is tried against the working directory
-    (with and without resolving symlinks), then as a path suffix (``notes/a.md``) when that is unique
-    to one file.
-    """
-    raw = Path(path).expanduser()
-    candidates = {path, str(raw.absolute()), str(raw.resolve())}
-    docs = reg.documents()
-    exact = [d for d in docs if d.path in candidates]
-    if exact:
-        return exact
-    suffix = "/" + raw.as_posix().lstrip("./")
-    by_suffix = [d for d in docs if d.path.endswith(suffix)]
-    if len({d.path for d in by_suffix}) > 1:
-        listed = ", ".join(sorted({d.path for d in by_suffix})[:5])
-        raise ValueError(f"{path} matches several documents ({listed}); give the full path")
-    return by_suffix
 
 
 # --- moral qa ----------------------------------------------------------------------------------
@@ -183,37 +162,6 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
 
 
 # --- moral docs --------------------------------------------------------------------------------
-def purge_document(settings: Settings, path: str) -> dict:
-    """Delete everything recorded for the document at ``path``: its vectors first (a failure there
-    leaves the registry intact, so the purge can simply be repeated), then chunks, pairs, failures,
-    quarantine entries and its LLM cache rows in one registry transaction (one audit event).
-
-    Cache rows are keyed by chunk text; a text that another document also has keeps its row, since
-    that document's pairs came from the same reply.
-    """
-    from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
-    from tasks.qa import cache_key
-
-    reg = _registry(settings, must_exist=True)
-    assert reg is not None
-    docs = match_documents(reg, path)
-    if not docs:
-        raise ValueError(f"no document recorded at {path} (see `moral qa list --json` for paths)")
-    doc_ids = sorted({d.doc_id for d in docs})
-    texts = {c.text for doc_id in doc_ids for c in reg.chunks(doc_id=doc_id, status=None)}
-    texts -= reg.texts_used_elsewhere(texts, doc_ids)
-    keys = [
-        cache_key(text, model or "", version or "") for model, version in reg.cache_models() for text in texts
-    ]
-    store = VectorStore(settings)
-    where = {"doc_id": {"$in": doc_ids}}
-    vectors = store.count(CHUNKS, where) + store.count(QA_PAIRS, where)
-    for collection in (CHUNKS, QA_PAIRS):
-        store.delete(collection, where=where)
-    counts = reg.purge_documents(doc_ids, keys, actor="cli")
-    still_there = sorted({d.path for d in docs if Path(d.path).exists()})
-    return {"paths": sorted({d.path for d in docs}), "doc_ids": doc_ids, "vectors": vectors, **counts,
-            "still_in_source": still_there}  # fmt: skip
 
 
 def cmd_docs_purge(args: argparse.Namespace) -> int:

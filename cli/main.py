@@ -1,4 +1,4 @@
-"""The ``moral`` command line: refresh, versions, ask, and the command groups of ``flows/cli_*.py``.
+"""The ``moral`` command line: refresh, versions, ask, and the command groups of ``cli/{data,eval,ops,bank}.py``.
 
 Heavy imports (Prefect, torch, Chroma) happen inside the subcommands, so ``moral --help`` is instant.
 """
@@ -9,8 +9,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flows import cli_bank, cli_data, cli_eval, cli_ops
-from flows.cli_util import print_json as _print_json
+from cli import bank as cli_bank
+from cli import data as cli_data
+from cli import eval as cli_eval
+from cli import ops as cli_ops
+from cli.util import print_json as _print_json
 from storage.settings import apply_runtime_env
 
 
@@ -23,7 +26,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(summary)
     else:
-        from flows.report import summary_text
+        from tasks.report import summary_text
 
         print(summary_text(summary))
     return 0 if summary.get("status") == "completed" else 1
@@ -66,7 +69,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from flows.serve_model import answer_question
+    from server.model import answer_question
 
     result = answer_question(args.question, version=args.version, open_book=args.open_book)
     if args.json:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from flows.cli_util import print_json
+from cli.util import print_json
+from tasks.stages.evaluate import rerun_evaluation, version_number
 
 
 def _clean(x: float | None) -> float | None:
@@ -36,38 +37,11 @@ def eval_rows(settings, version: str | None = None) -> list[dict]:
     ]
 
 
-def version_number(reg, version: str | None) -> int:
-    """The named version's number, or the latest one's when None (a clear error when there is none)."""
-    if version is not None:
-        return reg.get_version(version).version
-    versions = reg.list_versions()
-    if not versions:
-        raise ValueError("no adapter versions yet: run `moral refresh` first")
-    return versions[-1].version
-
-
-def rerun_evaluation(settings, version: str | None) -> int:
-    """Re-evaluate a version (the latest when None) through the evaluate stage; returns its number."""
-    from storage.registry import Registry
-    from tasks.stages import evaluate_stage
-
-    reg = Registry.from_settings(settings)
-    number = version_number(reg, version)
-    run_id = reg.start_run({"command": "eval --rerun", "version": number})
-    try:
-        evaluate_stage(settings, run_id, number, force=True)
-    except BaseException as exc:
-        reg.finish_run(run_id, "failed", {"error": f"{type(exc).__name__}: {exc}"})
-        raise
-    reg.finish_run(run_id, "completed", {"evaluated": f"v{number}"})
-    return number
-
-
 def saved_evaluation_of(settings, version: str | None) -> tuple[int, dict]:
     """A version's number (the latest when None) and its saved ``evaluations/vN.json``; a clear
     error when there is no registry, no version or no saved evaluation."""
-    from flows.report import saved_evaluation
     from storage.registry import Registry
+    from tasks.report import saved_evaluation
 
     if not settings.registry_path.exists():
         raise ValueError("no registry yet: run `moral refresh` first")
@@ -85,7 +59,7 @@ def print_by_document(settings, version: str | None, as_json: bool) -> int:
     """``moral eval --by-document``: facts per document the reference model and the candidate answer."""
     import sys
 
-    from flows.report import (
+    from tasks.report import (
         KNOWLEDGE_NOT_RECORDED,
         knowledge_by_document,
         knowledge_recorded,
@@ -130,8 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flows.report import write_html_report
     from storage.settings import get_settings
+    from tasks.plots import write_html_report
 
     settings = get_settings()
     if not settings.registry_path.exists():

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 from fpdf import FPDF
 
-from flows.cli import main
+from cli.main import main
 from storage.registry import Registry
 from storage.settings import Settings
 from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
 from tasks.qa import cache_key
 from tasks.qa_openai import PROMPT_VERSION, OpenAIQAGenerator
-from tasks.stages import index_stage, ingest_stage, qa_stage
+from tasks.stages.index import index_stage
+from tasks.stages.ingest import ingest_stage
+from tasks.stages.qa import qa_stage
 
 DRONES = (
     "The Quillfeather Q7 drone weighs 1.8 kg and carries a payload of 2.4 kg over long distances. "
@@ -90,7 +92,7 @@ def test_qa_list_filters_by_document_split_and_status(home, capsys):
 
 def test_qa_exclude_by_prefix_keeps_the_pair_out_of_training(home, capsys, tiny_model_dir):
     settings, _ = home
-    from tasks.stages import train_stage
+    from tasks.stages.train import train_stage
 
     reg = Registry(settings.registry_path)
     train = reg.qa_pairs(split="train")

@@ -7,16 +7,16 @@ import json
 
 import pytest
 
-from flows.cli import main
-from flows.report import (
+from cli.main import main
+from storage.home import scores_path
+from storage.registry import Registry
+from tasks.plots import write_html_report
+from tasks.report import (
     KNOWLEDGE_NOT_RECORDED,
     evaluation_markdown,
     knowledge_by_document,
     knowledge_markdown,
-    write_html_report,
 )
-from storage.registry import Registry
-from tasks.stages import scores_path
 
 DOCS = {
     "fa1": "docs/a.md",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from cli.main import main
 from flows.params import RefreshParams
 from flows.refresh import run_refresh
 from storage.registry import Registry

@@ -14,6 +14,10 @@ The champion is looked up in the registry at most once per ``MORAL_SERVE_POLL_S`
 rollback is served from the next request on, with no restart.  With ``MORAL_SERVE_API_KEY`` set, every
 ``/v1`` request needs ``Authorization: Bearer <key>``; ``/health`` stays open for container health checks.
 Errors use OpenAI's JSON shape, ``{"error": {"message", "type", "param", "code"}}``.
+
+One file (~490 lines) because it is one concept, the HTTP surface of the OpenAI wire format: request
+models, error shapes, streaming and routes are read together; what answers (versions, loading,
+retrieval) is in :mod:`server.model`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from flows.serve_model import BASE, Answerer, Engine, VersionNotFound, VersionNotLoadable
+from server.model import BASE, Answerer, Engine, VersionNotFound, VersionNotLoadable
 from storage.registry import RegistryLockedError
 from storage.settings import Settings
 

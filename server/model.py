@@ -80,11 +80,8 @@ class ModelPool:
         """The version's verified adapter directory, or :class:`VersionNotLoadable` with the reason."""
         from storage.artifacts import AdapterStore, ArtifactError
 
-        if v.base_model_sha256 and v.base_model_sha256 != self.base_sha256:
-            raise VersionNotLoadable(
-                f"{v.name} was trained on another base model (sha256 {v.base_model_sha256[:12]}..., "
-                f"serving {self.base_sha256[:12]}...); it is never loaded"
-            )
+        if why := v.other_base(self.base_sha256):
+            raise VersionNotLoadable(f"{why}; it is never loaded")
         if not v.artifact_uri or not v.artifact_sha256:
             raise VersionNotLoadable(f"{v.name} has no adapter files recorded")
         uri = Path(v.artifact_uri)

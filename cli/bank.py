@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flows.cli_util import print_json
+from cli.util import print_json
 
 
 def cmd_bank_add(args: argparse.Namespace) -> int:
@@ -42,9 +42,9 @@ def cmd_bank_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bank_why(args: argparse.Namespace) -> int:
+    from storage.home import selection_path
     from storage.records import parse_version
     from storage.settings import get_settings
-    from tasks.bank import selection_path
 
     path = selection_path(get_settings(), parse_version(args.version))
     if not path.is_file():

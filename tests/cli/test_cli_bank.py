@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import main
+from cli.main import main
 from storage.registry import Registry
 from storage.settings import get_settings
 

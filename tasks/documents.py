@@ -1,0 +1,64 @@
+"""A recorded document's data, found by its path and purged for good (``moral docs purge``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from storage.records import Document
+from storage.registry import Registry
+from storage.settings import Settings
+
+
+def match_documents(reg: Registry, path: str) -> list[Document]:
+    """Documents (any status, every content a path has had) recorded at ``path``.
+
+    Registry paths are absolute; a relative argument is tried against the working directory
+    (with and without resolving symlinks), then as a path suffix (``notes/a.md``) when that is unique
+    to one file.
+    """
+    raw = Path(path).expanduser()
+    candidates = {path, str(raw.absolute()), str(raw.resolve())}
+    docs = reg.documents()
+    exact = [d for d in docs if d.path in candidates]
+    if exact:
+        return exact
+    suffix = "/" + raw.as_posix().lstrip("./")
+    by_suffix = [d for d in docs if d.path.endswith(suffix)]
+    if len({d.path for d in by_suffix}) > 1:
+        listed = ", ".join(sorted({d.path for d in by_suffix})[:5])
+        raise ValueError(f"{path} matches several documents ({listed}); give the full path")
+    return by_suffix
+
+
+def purge_document(settings: Settings, path: str) -> dict:
+    """Delete everything recorded for the document at ``path``: its vectors first (a failure there
+    leaves the registry intact, so the purge can simply be repeated), then chunks, pairs, failures,
+    quarantine entries and its LLM cache rows in one registry transaction (one audit event).
+
+    Cache rows are keyed by chunk text; a text that another document also has keeps its row, since
+    that document's pairs came from the same reply.
+    """
+    from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
+    from tasks.qa import cache_key
+
+    if not settings.registry_path.exists():
+        raise FileNotFoundError(f"no registry at {settings.registry_path}: run `moral refresh` first")
+    reg = Registry.from_settings(settings)
+    docs = match_documents(reg, path)
+    if not docs:
+        raise ValueError(f"no document recorded at {path} (see `moral qa list --json` for paths)")
+    doc_ids = sorted({d.doc_id for d in docs})
+    texts = {c.text for doc_id in doc_ids for c in reg.chunks(doc_id=doc_id, status=None)}
+    texts -= reg.texts_used_elsewhere(texts, doc_ids)
+    keys = [
+        cache_key(text, model or "", version or "") for model, version in reg.cache_models() for text in texts
+    ]
+    store = VectorStore(settings)
+    where = {"doc_id": {"$in": doc_ids}}
+    vectors = store.count(CHUNKS, where) + store.count(QA_PAIRS, where)
+    for collection in (CHUNKS, QA_PAIRS):
+        store.delete(collection, where=where)
+    counts = reg.purge_documents(doc_ids, keys, actor="cli")
+    still_there = sorted({d.path for d in docs if Path(d.path).exists()})
+    return {"paths": sorted({d.path for d in docs}), "doc_ids": doc_ids, "vectors": vectors, **counts,
+            "still_in_source": still_there}  # fmt: skip

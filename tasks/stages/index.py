@@ -1,0 +1,110 @@
+"""The dedup + index stage: embed new pairs and chunks, drop duplicates, hold out far paraphrases for
+evaluation, and index the rest into Chroma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from storage.registry import Registry
+from storage.settings import Settings
+from tasks.stages.progress import Progress, say
+
+
+@dataclass
+class IndexSummary:
+    chunks_indexed: int = 0
+    qa_indexed: int = 0
+    qa_duplicates: int = 0
+    retired_vectors: int = 0
+    restored_vectors: int = 0
+    qa_held_out: int = 0  # new train-fact wordings held out as paraphrase eval questions
+    qa_rekeyed: int = 0  # indexed pairs re-keyed under the current answer normalisation
+
+
+def hold_out_paraphrases(
+    reg: Registry, store, new: Sequence, known: Sequence, run_id: str
+) -> tuple[list, int]:
+    """The new pairs, with one far wording of each train fact moved to ``eval`` (``tasks.splits``),
+    compared with the fact's other new wordings and with its wordings already stored as train; and
+    how many were moved."""
+    from dataclasses import replace
+
+    from tasks.splits import choose_paraphrases, normalised_rows
+
+    facts: dict[str, list[int]] = {}
+    for i, p in enumerate(new):
+        if p.split == "train":
+            facts.setdefault(p.fact_id, []).append(i)
+    if not facts:
+        return list(new), 0
+    new_ids = {p.qa_id for p in new}
+    old = [p for p in known if p.fact_id in facts and p.split == "train" and p.qa_id not in new_ids]
+    emb = normalised_rows(store.embedder.encode([p.question for p in new] + [p.question for p in old]))
+    old_rows: dict[str, list[int]] = {}
+    for j, p in enumerate(old):
+        old_rows.setdefault(p.fact_id, []).append(len(new) + j)
+    trained = {f: ([old[r - len(new)].question for r in rows], emb[rows]) for f, rows in old_rows.items()}
+    chosen = choose_paraphrases(facts, [p.question for p in new], emb[: len(new)], trained)
+    if reg.hold_out_paraphrases([new[i].qa_id for i in chosen], run_id=run_id) != len(chosen):
+        held = {p.qa_id for p in reg.qa_pairs(split="eval", ids=[new[i].qa_id for i in chosen])}
+        chosen = [i for i in chosen if new[i].qa_id in held]  # a pair some version trained on stays
+    out = list(new)
+    for i in chosen:
+        out[i] = replace(new[i], split="eval")
+    return out, len(chosen)
+
+
+def index_stage(settings: Settings, run_id: str, progress: Progress | None = None) -> IndexSummary:
+    """Dedup the pairs not yet indexed (within the batch and against Chroma), then upsert pairs and chunks."""
+    from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
+    from tasks.dedup import dedup_pairs, embedding_text
+    from tasks.index import index_chunks, index_qa, migrate_qa_keys, restore, retire
+
+    reg = Registry.from_settings(settings)
+    store = VectorStore(settings)
+    out = IndexSummary()
+
+    chunks = reg.chunks()
+    chunk_ids = [c.chunk_id for c in chunks]
+    present_chunks = set(store.ids(CHUNKS, ids=chunk_ids)) if chunk_ids else set()
+    new_chunks = [c for c in chunks if c.chunk_id not in present_chunks]
+    pairs = reg.qa_pairs()
+    pair_ids = [p.qa_id for p in pairs]
+    present_pairs = set(store.ids(QA_PAIRS, ids=pair_ids)) if pair_ids else set()
+    new_pairs = [p for p in pairs if p.qa_id not in present_pairs]
+    # Pairs indexed under an older normalisation are re-keyed first, so dedup compares like with like.
+    out.qa_rekeyed = migrate_qa_keys(store, pairs, present_pairs)
+
+    if new_pairs:
+        say(progress, f"index: embedding and deduplicating {len(new_pairs)} new pairs")
+        embeddings = store.embedder.encode([embedding_text(p.question, p.answer) for p in new_pairs])
+        texts = {c.chunk_id: c.text for c in reg.chunks(ids=sorted({p.chunk_id for p in new_pairs}))}
+        result = dedup_pairs(new_pairs, embeddings, store, settings.dedup_threshold, chunk_texts=texts)
+        if result.duplicates:
+            reg.mark_duplicates([(d[0], d[1]) for d in result.duplicates], run_id=run_id)
+        out.qa_duplicates = len(result.duplicates)
+        keep = {p.qa_id for p in result.kept}
+        rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
+        kept, out.qa_held_out = hold_out_paraphrases(reg, store, [new_pairs[i] for i in rows], pairs, run_id)
+        out.qa_indexed = index_qa(store, kept, embeddings[rows], run_id)
+    if new_chunks:
+        say(progress, f"index: embedding {len(new_chunks)} new chunks")
+        docs = {d.doc_id: d for d in reg.documents()}
+        meta = {doc_id: {"path": d.path} for doc_id, d in docs.items()}
+        out.chunks_indexed = index_chunks(store, new_chunks, meta, run_id)
+    all_docs = reg.documents()
+    retired = [d.doc_id for d in all_docs if d.status == "retired"]
+    if retired:
+        out.retired_vectors = retire(store, retired)
+    # A retired document whose bytes came back (re-added, renamed back, a change reverted) is active
+    # again in the registry; its vectors were kept, flagged retired: flag them active again.
+    active = [d.doc_id for d in all_docs if d.status == "active"]
+    if active:
+        out.restored_vectors = restore(store, active)
+    say(
+        progress,
+        f"index: {out.qa_indexed} pairs and {out.chunks_indexed} chunks added, {out.qa_duplicates} duplicates",
+    )
+    return out

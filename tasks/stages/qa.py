@@ -1,0 +1,139 @@
+"""The QA stage: generate question/answer pairs for chunks not yet done (local model or an
+OpenAI-compatible endpoint), cached per chunk, with shards for parallel runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from storage.registry import Registry
+from storage.settings import Settings
+from tasks.stages.progress import Progress, say
+
+
+@dataclass
+class QASummary:
+    chunks_pending: int = 0
+    qa_generated: int = 0
+    qa_rejected: int = 0
+    qa_failed: list[dict] = field(default_factory=list)
+    skipped_by_cap: int = 0
+    llm_calls: int = 0
+    llm_tokens: int = 0
+    cache_hits: int = 0
+    generator: str | None = None
+
+
+def make_generator(settings: Settings):
+    """The configured QA generator; the openai backend is never switched on implicitly."""
+    if settings.qa_backend == "openai":
+        from tasks.qa_openai import OpenAIQAGenerator
+
+        base_url = settings.resolved_qa_base_url()
+        if not settings.qa_model:
+            raise ValueError("MORAL_QA_BACKEND=openai needs MORAL_QA_MODEL (the model name at the endpoint)")
+        return OpenAIQAGenerator(
+            base_url=base_url,
+            api_key=settings.resolved_qa_api_key(),
+            model=settings.qa_model,
+            timeout_s=settings.qa_timeout_s,
+            max_retries=settings.qa_max_retries,
+            pairs_per_chunk=settings.qa_pairs_per_chunk,
+        )
+    from moe.base_model import load_base_model, resolve_base_model
+    from tasks.qa_local import LocalQAGenerator
+
+    model, tokenizer = load_base_model(resolve_base_model(settings.base_model, settings.model_cache))
+    return LocalQAGenerator(model, tokenizer, pairs_per_chunk=settings.qa_pairs_per_chunk)
+
+
+def qa_stage(
+    settings: Settings,
+    run_id: str,
+    progress: Progress | None = None,
+    generator=None,
+    chunk_ids: Sequence[str] | None = None,
+) -> QASummary:
+    """QA pairs for every active chunk that has none yet (cache first; failures recorded for retry).
+
+    ``chunk_ids`` restricts the stage to those chunks: one shard of a run fanned out over a task
+    runner (see ``qa_shards``); the spend caps in ``settings`` then apply to the shard.
+    """
+    from tasks.qa import RegistryCache, generate_for_chunks
+
+    reg = Registry.from_settings(settings)
+    chunks = reg.chunks_without_qa()
+    if chunk_ids is not None:
+        wanted = set(chunk_ids)
+        chunks = [c for c in chunks if c.chunk_id in wanted]
+    out = QASummary(chunks_pending=len(chunks))
+    if not chunks:
+        say(progress, "qa: no new chunks, no LLM call")
+        return out
+    gen = generator or make_generator(settings)
+    out.generator = getattr(gen, "name", type(gen).__name__)
+    say(progress, f"qa: generating question/answer pairs for {len(chunks)} chunks with {out.generator}")
+
+    step = max(1, len(chunks) // 20)
+
+    def report(done: int, total: int) -> None:
+        # About 20 lines per run: in a flow every line is a log record sent to the Prefect API.
+        if done == total or done % step == 0:
+            say(progress, f"qa: {done}/{total} chunks")
+
+    result = generate_for_chunks(
+        chunks,
+        gen,
+        RegistryCache(reg),
+        settings.qa_concurrency,
+        max_calls=settings.max_llm_calls,
+        max_tokens=settings.max_llm_tokens,
+        progress=report,
+    )
+    records = [replace(p, run_id=run_id) for p in result.pairs]
+    failed = {cid for cid, _ in result.failed}
+    skipped = set(result.skipped_by_cap)
+    done = [c.chunk_id for c in chunks if c.chunk_id not in failed and c.chunk_id not in skipped]
+    # Pairs, done flags and failures in one transaction; a failed chunk is retried by the next run.
+    out.qa_generated = reg.record_qa_results(records, done, result.failed, run_id=run_id)
+    out.qa_failed = [{"chunk_id": cid, "error": err} for cid, err in result.failed]
+    out.qa_rejected = len(result.rejected)
+    out.skipped_by_cap = len(skipped)
+    out.llm_calls = result.llm_calls
+    out.llm_tokens = result.tokens
+    out.cache_hits = result.cache_hits
+    say(
+        progress,
+        f"qa: {out.qa_generated} pairs kept, {out.qa_rejected} rejected by validation, {len(failed)} chunks "
+        f"failed, {out.skipped_by_cap} left for the next run (spend cap); {out.llm_calls} LLM calls",
+    )
+    return out
+
+
+def qa_shards(settings: Settings, shards: int) -> list[list[str]]:
+    """The pending chunks split into at most ``shards`` lists of ids (documents kept together, so
+    a document's chunks share one worker's cache warmth), for fanning QA out over a task runner."""
+    pending = Registry.from_settings(settings).chunks_without_qa()
+    by_doc: dict[str, list[str]] = {}
+    for c in pending:
+        by_doc.setdefault(c.doc_id, []).append(c.chunk_id)
+    out: list[list[str]] = [[] for _ in range(max(1, min(shards, len(pending))))]
+    for ids in sorted(by_doc.values(), key=len, reverse=True):  # largest first onto the lightest shard
+        min(out, key=len).extend(ids)
+    return [ids for ids in out if ids]
+
+
+def merge_qa(parts: Sequence[QASummary]) -> QASummary:
+    """One summary for a QA stage run as several shards."""
+    out = QASummary(chunks_pending=sum(p.chunks_pending for p in parts))
+    for p in parts:
+        out.generator = out.generator or p.generator
+        out.qa_generated += p.qa_generated
+        out.qa_rejected += p.qa_rejected
+        out.qa_failed += p.qa_failed
+        out.skipped_by_cap += p.skipped_by_cap
+        out.llm_calls += p.llm_calls
+        out.llm_tokens += p.llm_tokens
+        out.cache_hits += p.cache_hits
+    return out

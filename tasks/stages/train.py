@@ -1,0 +1,169 @@
+"""The train stage: the delta (new train pairs, plus replayed earlier ones) trained into a candidate
+adapter and registered as a new version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.files import write_json_atomic
+from storage.home import training_log_path
+from storage.registry import Registry
+from storage.settings import Settings
+from tasks.stages.progress import Progress, say
+
+
+@dataclass
+class TrainSummary:
+    version: int | None = None
+    reason: str | None = None  # why nothing was trained
+    resumed: bool = False  # an existing candidate (from a stopped or crashed run) is taken up
+    reused_artifact: bool = False
+    delta_pairs: int = 0
+    replay_pairs: int = 0
+    metrics: dict = field(default_factory=dict)
+    replay: dict = field(default_factory=dict)  # how the replay sample was chosen (tasks.replay)
+    bank: dict = field(default_factory=dict)  # bank initialisation: used, chosen, why, artifact
+
+
+def usable_champion(reg: Registry, base_sha256: str) -> tuple[object | None, str | None]:
+    """The champion version if its adapter fits the current base model, else (None, why not)."""
+    champion = reg.champion()
+    if champion is None:
+        return None, None
+    version = reg.get_version(champion)
+    if why := version.other_base(base_sha256):
+        return None, f"champion {why}; it is not loaded and the base model is the reference"
+    return version, None
+
+
+def rejected_with_same_inputs(
+    reg: Registry, pairs: list, settings: Settings, kind: str, base_sha256: str
+) -> str | None:
+    """The rejected version trained on exactly these pairs, parameters and base model, if any:
+    training it again would rebuild the same adapter and be rejected again, night after night."""
+    from tasks.train import data_hash, train_params
+
+    dhash, params = data_hash(pairs), train_params(settings, kind)
+    for v in reg.list_versions(status="rejected"):
+        recorded = {k: val for k, val in (v.params or {}).items() if k != "bank_init"}
+        if v.data_hash == dhash and recorded == params and v.base_model_sha256 == base_sha256:
+            return v.name
+    return None
+
+
+def train_stage(
+    settings: Settings, run_id: str, progress: Progress | None = None, kind: str = "moral"
+) -> TrainSummary:
+    """Train a candidate on the train pairs no shipped version has learned (plus replay), and register it."""
+    from tasks.bank import bank_for_delta, record_selection
+    from tasks.replay import replay_for_delta
+    from tasks.train import TrainPair, train_candidate
+
+    reg = Registry.from_settings(settings)
+    pending = reg.list_versions(status="candidate")
+    if pending:
+        v = pending[-1]
+        say(progress, f"train: taking up candidate {v.name} left by an earlier run (no retraining)")
+        return TrainSummary(version=v.version, resumed=True)
+
+    # The delta: train pairs no shipped version has learned. A rejected version's pairs come back
+    # (with whatever arrived since), so a rejection never loses knowledge for good.
+    settled = reg.settled_pairs()
+    active_train = reg.qa_pairs(split="train")
+    delta = [p for p in active_train if p.qa_id not in settled]
+    if not delta:
+        return TrainSummary(reason="no new training pairs since the last promoted version: nothing to train")
+    # Replay: earlier train pairs nearest the delta, near-duplicates dropped (tasks.replay).
+    replay, replay_choice = replay_for_delta(settings, delta, [p for p in active_train if p.qa_id in settled])
+
+    pairs = [TrainPair(p.qa_id, p.question, p.answer, 0) for p in delta]
+    pairs += [TrainPair(p.qa_id, p.question, p.answer, 1) for p in replay]
+
+    from moe.base_model import base_model_identity
+
+    base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
+    same = rejected_with_same_inputs(reg, pairs, settings, kind, identity["sha256"])
+    if same is not None:
+        return TrainSummary(
+            reason=(
+                f"{same} was trained on exactly these pairs with these parameters and rejected: nothing "
+                f"new to try (add documents, change a parameter, or `moral promote {same} --force`)"
+            )
+        )
+    champion, _why = usable_champion(reg, identity["sha256"])
+    warm = settings.warm_start and champion is not None and bool(champion.artifact_uri)
+    selection, bank_reason = bank_for_delta(settings, reg, delta, base_path, identity["sha256"], warm, kind)
+    if selection is not None:
+        say(
+            progress,
+            f"train: experts 0-{len(selection.chosen) - 1} from the bank: {', '.join(selection.chosen)}",
+        )
+    say(progress, f"train: {kind} adapter on {len(delta)} new and {len(replay)} replayed pairs")
+
+    def on_step(info: dict) -> None:
+        step = info.get("step", 0)
+        if step == 1 or step % 10 == 0:
+            say(
+                progress,
+                f"train: step {step} epoch {info.get('epoch')} loss {info.get('loss', float('nan')):.4f}",
+            )
+
+    parent_dir = Path(champion.artifact_uri) if champion is not None and champion.artifact_uri else None
+    outcome = train_candidate(
+        settings,
+        base_path,
+        identity["sha256"],
+        pairs,
+        parent_dir=parent_dir,
+        kind=kind,
+        progress=on_step,
+        bank_init=selection,
+    )
+    roles = {p.qa_id: "delta" for p in delta} | {p.qa_id: "replay" for p in replay}
+    version = reg.create_version(
+        run_id=run_id,
+        base_model=identity.get("name") or str(base_path),
+        base_model_sha256=identity["sha256"],
+        data_hash=outcome.data_hash,
+        params=outcome.params,
+        parent_version=champion.version if champion is not None else None,
+        kind=kind,  # type: ignore[arg-type]
+        artifact_uri=str(outcome.artifact_dir),
+        artifact_sha256=outcome.sha256,
+        actor="refresh",
+        trained_pairs=roles,
+    )
+    save_training_log(settings, version, outcome.metrics)
+    bank = {"used": selection is not None, "reason": bank_reason}
+    if kind == "moral":
+        bank["artifact"] = str(record_selection(settings, reg, version, selection, bank_reason, run_id))
+        bank["chosen"] = selection.chosen if selection is not None else []
+    say(progress, f"train: registered candidate v{version} ({outcome.metrics.get('seconds')} s)")
+    return TrainSummary(
+        version=version,
+        reused_artifact=outcome.reused,
+        delta_pairs=len(delta),
+        replay_pairs=len(replay),
+        metrics={k: v for k, v in outcome.metrics.items() if k not in ("losses", "aux_losses")},
+        replay=replay_choice.summary(),
+        bank=bank,
+    )
+
+
+def save_training_log(settings: Settings, version: int, metrics: dict) -> Path:
+    """Keep the loss curve and router statistics of a version's training (for its plots and report);
+    the adapter directory itself is immutable and checksummed, so this lives beside it."""
+    keep = (
+        "losses",
+        "aux_losses",
+        "expert_stats",
+        "steps",
+        "seconds",
+        "train_pairs",
+        "first_loss",
+        "final_loss",
+    )
+    path = training_log_path(settings, version)
+    return write_json_atomic(path, {"version": version, **{k: metrics[k] for k in keep if k in metrics}})
