@@ -9,6 +9,7 @@ still to do.
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,9 +22,14 @@ from storage.lock import refresh_lock
 from storage.registry import Registry
 from storage.settings import Settings, get_settings
 
+#: The settings a CLI run already resolved for its params, so the flow does not resolve them again.
+_RESOLVED: ContextVar[tuple[str, Settings] | None] = ContextVar("moral_resolved_settings", default=None)
+
 
 def settings_for(params: RefreshParams, base: Settings | None = None) -> Settings:
     """The process settings with this run's parameter overrides applied (and validated)."""
+    if base is None and (hit := _RESOLVED.get()) is not None and hit[0] == params.model_dump_json():
+        return hit[1]
     base = base or get_settings()
     overrides = params.overrides()
     if not overrides:
@@ -269,5 +275,10 @@ def run_refresh(params: RefreshParams, quiet: bool = False) -> dict:
         # --json: stdout carries the summary alone; Prefect's console logs go quiet.
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         logging.getLogger("prefect").setLevel(logging.WARNING)
-    summary = refresh_flow(settings_for(params))(params)
+    settings = settings_for(params)
+    token = _RESOLVED.set((params.model_dump_json(), settings))
+    try:
+        summary = refresh_flow(settings)(params)
+    finally:
+        _RESOLVED.reset(token)
     return {**EMPTY_FIELDS, **summary}

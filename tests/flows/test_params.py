@@ -32,3 +32,24 @@ def test_unset_fields_change_nothing_and_set_ones_override(tmp_path):
 
 def test_until_all_runs_everything():
     assert RefreshParams().stop_after is None and RefreshParams(until="index").stop_after == "index"
+
+
+def test_a_cli_run_resolves_its_settings_once(settings, monkeypatch):
+    """run_refresh resolves the run's settings and the flow reuses them instead of building them again."""
+    import flows.refresh as refresh
+
+    calls = []
+    real = refresh.Settings
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(refresh, "Settings", counting)
+    token = refresh._RESOLVED.set(None)
+    params = RefreshParams(epochs=3)
+    first = refresh.settings_for(params, settings)
+    refresh._RESOLVED.set((params.model_dump_json(), first))
+    assert refresh.settings_for(params) is first and len(calls) == 1  # the flow's call reuses it
+    assert refresh.settings_for(RefreshParams(epochs=4)) is not first  # other params: resolved anew
+    refresh._RESOLVED.reset(token)
