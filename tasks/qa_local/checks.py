@@ -1,0 +1,148 @@
+"""The checks a generated question must pass (grounded, on its fact, not giving the answer away) and
+the rule-based rewordings that give a fact more distinct wordings (reopened, subject renamed).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from tasks.qa import validate_pair
+from tasks.qa_local.facts import Candidate, _bare, _name_tokens
+from tasks.qa_local.lexicon import _META, _MONTHS, _NAME, _QUESTION_WORDS, _WRONG_WORDS
+from tasks.text import content_words, normalize_question
+
+
+def _stems(words: set[str]) -> set[str]:
+    return {w[:5] for w in words}
+
+
+def check_question(question: str, cand: Candidate, chunk_text: str) -> str | None:
+    """Strict checks on a model-written question; the reason it fails, or None."""
+    n = len(question.split())
+    if not 4 <= n <= 30:
+        return f"question has {n} words"
+    if _META.search(question):
+        return "question talks about the text, not the facts"
+    wrong = _WRONG_WORDS.get(cand.kind, set()) & set(normalize_question(question).split())
+    if wrong:
+        return f"question asks for another kind of answer: {sorted(wrong)}"
+    reason = validate_pair(question, cand.answer, chunk_text)
+    if reason:
+        return reason
+    q_numbers = set(re.findall(r"\b\d+", question))  # \b: the 7 of "Q7" is a name, not a number
+    if q_numbers & set(re.findall(r"\b\d+", cand.answer)):
+        return "question leaks a number of the answer"  # "How many branches ... in 20 months?"
+    if q_numbers - set(re.findall(r"\b\d+", chunk_text)):
+        return "question invents a number"  # "How many plants does the 4th plant produce?"
+    answer_words = content_words(cand.answer)
+    q_words = content_words(question) - answer_words
+    if not _stems(q_words) & _stems(content_words(cand.sentence)):
+        return "question shares no content word with its sentence"
+    # Hallucinated detail: more than one content word (by 5-letter stem) that the chunk never uses.
+    novel = _stems(q_words - _QUESTION_WORDS) - _stems(content_words(chunk_text))
+    if len(novel) > 1:
+        return f"question adds words not in the text: {sorted(novel)}"
+    # The question must be about the answer's neighbourhood: "How much does the Q7 weigh?" is wrong
+    # for "... weighs 1.8 kg and carries a payload of 2.4 kg" when the answer is 2.4 kg.
+    words = cand.sentence.split()
+    a_len = len(cand.answer.split())
+    pos = next(
+        (i for i in range(len(words)) if " ".join(words[i : i + a_len]).rstrip(".,;:") == cand.answer), None
+    )
+    if pos is not None and cand.kind == "count" and pos:
+        prep = _bare(words[pos - 1])
+        if (
+            prep in {"in", "across", "at", "from", "on", "over"}
+            and prep not in normalize_question(question).split()
+        ):
+            return f"question drops the '{prep}' of its count"  # "employs 5,300 people in 14 countries"
+    if pos is not None:
+        window = " ".join(words[max(0, pos - 6) : pos] + words[pos + a_len : pos + a_len + 6])
+        if not _stems(q_words) & _stems(content_words(window) - answer_words):
+            return "question is not about the answer's context"
+    return None
+
+
+def clean_question(opener: str, completion: str) -> str:
+    """Opener + completion, cut after the first '?', on one line, without stray quotes."""
+    text = f"{opener}{completion}" if completion[:1] in (" ", "'", "?", ",") else f"{opener} {completion}"
+    text = text.split("\n", 1)[0]
+    if "?" in text:
+        text = text[: text.index("?") + 1]
+    return " ".join(text.replace('"', "").split())
+
+
+def name_aliases(chunk_text: str) -> list[tuple[str, str]]:
+    """(long, short) names the chunk uses for one thing: ('Quillfeather Q7', 'Q7') when it says both
+    'the Quillfeather Q7' and 'the Q7'. The short form is a trailing part of the long one."""
+    names = set()
+    for m in re.finditer(_NAME, chunk_text):
+        toks, _ = _name_tokens(m)
+        if toks:
+            names.add(" ".join(t[2] for t in toks))
+    pairs = []
+    for long in sorted(names, key=lambda n: (-len(n), n)):
+        toks = long.split()
+        for k in range(1, len(toks)):
+            short = " ".join(toks[k:])
+            if (
+                short in names
+                and any(c.isalpha() for c in short)
+                and (len(short) > 2 or any(c.isdigit() for c in short))
+            ):
+                pairs.append((long, short))
+                break
+    return pairs
+
+
+# Question openings that ask the same thing, for the kinds where they do: (kind family or "*", opening, other).
+_REWORDINGS: tuple[tuple[str, str, str], ...] = (
+    ("person", "Who ", "Which person "),
+    ("org", "Who ", "Which organisation "),
+    ("*", "How often ", "How frequently "),
+    ("count", "How many ", "What number of "),
+    ("date", "When ", "On what date "),
+    ("year", "When ", "In what year "),
+    ("time", "When ", "At what time "),
+    ("weekday", "When ", "On which day "),
+    ("quantity:duration", "How long ", "For how long "),
+)
+
+
+def reworded(question: str, kind: str, answer: str) -> str | None:
+    """The question opened the other way ('Who chaired ...' <-> 'Which person chaired ...'), or None."""
+    for family, a, b in _REWORDINGS:
+        if family not in ("*", kind, kind.split(":")[0]):
+            continue
+        if family == "date" and re.fullmatch(rf"(?:{_MONTHS})\.?\s+\d{{4}}", answer):
+            b = "In which month "
+        for x, y in ((a, b), (b, a)):
+            if question.startswith(x):
+                return y + question[len(x) :]
+    m = re.fullmatch(r"How much (does|do|did) (.+) cost\?", question)
+    if m:
+        return f"What {m.group(1)} {m.group(2)} cost?"
+    return None
+
+
+def renamed(question: str, aliases: Sequence[tuple[str, str]]) -> str | None:
+    """The question with its subject named the other way ('the Quillfeather Q7' <-> 'the Q7')."""
+    for long, short in aliases:
+        if re.search(rf"\b{re.escape(long)}\b", question):
+            return re.sub(rf"\b{re.escape(long)}\b", short, question, count=1)
+    for long, short in aliases:
+        for m in re.finditer(rf"\b{re.escape(short)}\b", question):
+            head = question[: m.start()].split()
+            if head and head[-1][:1].isupper() and len(head) > 1:
+                continue  # the end of another name ("Harbor Labs" for "Labs")
+            return question[: m.start()] + long + question[m.end() :]
+    return None
+
+
+def _adds_content(question: str, opener: str, cand: Candidate) -> bool:
+    """Whether the model's part of a question names something from the sentence: "What is the name of
+    the system?" or "Within how many hours?" do not say what they ask about."""
+    opener_stems = _stems(content_words(opener))
+    own = _stems(content_words(question)) - opener_stems - _stems(content_words(cand.answer))
+    return bool(own & _stems(content_words(cand.sentence)))

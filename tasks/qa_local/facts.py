@@ -1,0 +1,390 @@
+"""Fact selection: which spans of a chunk become questions (:class:`Candidate`: a sentence, an answer
+span, its kind and the question openers that fit it) and how the candidates of a chunk are chosen.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from tasks.chunking import split_sentences
+from tasks.qa_local.lexicon import (
+    _CHANGE_VERBS,
+    _CLAUSE_BREAKS,
+    _DURATION_NOUNS,
+    _LABEL_NOUNS,
+    _MONTHS,
+    _NAME,
+    _NOT_NAMES,
+    _ORG_WORDS,
+    _PATTERNS,
+    _PERSON_CUES,
+    _PLACE_PREP,
+    _PRONOUN_DETS,
+    _ROLES,
+    _SCORE,
+    _TITLES,
+)
+from tasks.text import STOPWORDS, normalize_answer
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One fact to ask about: a sentence, an answer span of it and the ways to open its question."""
+
+    sentence: str
+    answer: str
+    kind: str
+    opener: str  # the question's first words, given to the model (variant 1)
+    score: float
+    alt_openers: tuple[str, ...] = ()  # other first words for the other variants, best first
+    template: str | None = None  # a whole question from rules alone, when the sentence allows one
+    context: str | None = None  # the sentence as shown to the model: 'It' replaced by its subject
+
+    @property
+    def fact(self) -> str:
+        return self.context or self.sentence
+
+    @property
+    def openers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.opener, *self.alt_openers)))
+
+
+def _bare(word: str) -> str:
+    return word.strip(",;:()\"'").lower()
+
+
+def _noun_phrase_before_of(words: list[str]) -> str | None:
+    """For '... a maximum payload of <answer>' return 'maximum payload' (up to 3 words back)."""
+    if not words or words[-1].lower() != "of":
+        return None
+    phrase: list[str] = []
+    for w in reversed(words[:-1]):
+        bare = _bare(w)
+        if not bare or bare in STOPWORDS or not bare.isalpha() or len(phrase) == 3 or w[-1] in ",;:":
+            break
+        phrase.insert(0, bare)
+    return " ".join(phrase) or None
+
+
+def _subject(words: list[str], *, anchored: bool = True) -> list[str] | None:
+    """The noun phrase a clause ends with, from its determiner: 'Fees The mooring fee for visiting
+    yachts' -> 'The mooring fee for visiting yachts'; None without a determiner or with punctuation.
+    `anchored`: the phrase is the clause's subject (only a glued heading may precede it); otherwise
+    it is the phrase after the clause's last determiner ('join the quarterly planning day')."""
+    start = 0
+    for j, w in enumerate(words):
+        if w[-1] in ",;:(" or w.lower() in _CLAUSE_BREAKS:
+            start = j + 1
+    words = words[start:]
+    dets = [j for j, w in enumerate(words) if w.lower() in {"the"} | _PRONOUN_DETS]
+    det = (dets[0] if anchored else dets[-1]) if dets else None
+    if det is None and anchored:
+        # "Core hours and meetings Core collaboration hours": a heading glued to a plain noun phrase
+        heads = [j for j, w in enumerate(words) if w[:1].isupper() and (j == 0 or words[j - 1].islower())]
+        tail = words[heads[-1] :] if heads else []
+        if 2 <= len(tail) <= 5 and all(w.islower() and w.isalpha() for w in tail[1:]) and tail[0].isalpha():
+            return ["the", tail[0].lower(), *tail[1:]]
+        return None
+    if det is None or (anchored and not all(w[:1].isupper() for w in words[:det])):
+        return None  # "camera of the Q7 is ...": a cut-off clause; "Fees The mooring fee": a glued heading
+    words = words[det:]
+    if not 2 <= len(words) <= 12 or not all(re.fullmatch(r"[\w'’-]+", w) for w in words):
+        return None
+    return words
+
+
+def _template(words: list[str], kind: str, count_noun: str | None) -> tuple[str | None, str | None, bool]:
+    """A rule-only question for '<the subject> is [now] [raised to] [the] <answer>', '<the subject> has
+    <count>' and '<the thing>, called <name>'; returns (question, head noun phrase, subject is a role)."""
+    i = len(words)
+    low = [_bare(w) for w in words]
+    if kind in {"person", "org"}:
+        who = _passive_who(words, low)
+        if who:
+            return who, None, True
+    called = i >= 1 and low[i - 1] in {"called", "named"}
+    if called:
+        i -= 1
+    while i and low[i - 1].rstrip(".") in _TITLES | {"the", "a", "an"} and not called:
+        i -= 1  # "is the Auk-48", "is Dr. Ilse Varnholt"
+    changed = False
+    if i >= 2 and low[i - 1] == "to" and low[i - 2] in _CHANGE_VERBS:
+        i, changed = i - 2, True  # "is reduced to 5 knots"
+    elif i >= 4 and low[i - 1] == "to" and low[i - 3] == "from" and low[i - 4] in _CHANGE_VERBS:
+        i, changed = i - 4, True  # "was raised from 25 to 32"
+    if i and low[i - 1] in {"now", "currently", "still"}:
+        i -= 1
+    if called and i and words[i - 1].endswith(","):  # "the quarterly planning day, called Fen Day"
+        subj = _subject([*words[: i - 1], words[i - 1].rstrip(",")], anchored=False)
+        verb = "is"
+    elif i and low[i - 1] in {"is", "are", "was", "were"} and words[i - 1][-1].isalpha():
+        subj, verb = _subject(words[: i - 1]), low[i - 1]
+        if changed:  # "was raised to 32": 32 is what it is now
+            verb = "are" if verb in {"are", "were"} else "is"
+    elif i and low[i - 1] in {"has", "have"} and count_noun and words[i - 1][-1].isalpha() and not called:
+        subj = _subject(words[: i - 1])
+        if subj is None or subj[0].lower() in _PRONOUN_DETS:
+            return None, None, False
+        aux = "does" if low[i - 1] == "has" else "do"
+        return f"How many {count_noun} {aux} {' '.join(['the', *subj[1:]])} have?", None, False
+    else:
+        return None, None, False
+    if subj is None:
+        return None, None, False
+    role = any(_bare(w) in _ROLES for w in subj)
+    rest = subj[1:]
+    head_words: list[str] = []
+    for w in rest:
+        if _bare(w) in STOPWORDS or not w.isalpha():
+            break
+        head_words.append(w.lower())
+    head = " ".join(head_words) if head_words and not called else None
+    if subj[0].lower() in _PRONOUN_DETS:  # "its maximum service ceiling": no subject to name
+        return None, head, role
+    np_ = " ".join(["the", *rest])
+    if called:
+        return f"What {verb} {np_} {low[len(words) - 1]}?", None, False
+    wh = "Who" if kind == "person" or (kind == "name" and role) else "What"
+    return f"{wh} {verb} {np_}?", head, role
+
+
+def _passive_who(words: list[str], low: list[str]) -> str | None:
+    """'<the subject> was led by [engineering manager] <person>' -> 'Who led the subject?';
+    '<The subject>, chaired by [Professor] <person>' -> 'Who chaired the subject?'."""
+    i = len(words)
+    while i and low[i - 1].rstrip(".") in _TITLES:
+        i -= 1
+    if i and words[i - 1].endswith(",") and low[i - 1] in _ROLES:  # "The harbour master, Captain <person>"
+        subj = _subject([*words[: i - 1], words[i - 1].rstrip(",")])
+        return f"Who is {' '.join(['the', *subj[1:]])}?" if subj and subj[0].lower() == "the" else None
+    if i and low[i - 1] in _ROLES:  # "engineering manager"
+        i -= 1
+        if i and low[i - 1].isalpha() and low[i - 1] not in STOPWORDS and words[i - 1].islower():
+            i -= 1
+    if i < 3 or low[i - 1] != "by" or not re.fullmatch(r"[a-z]+", words[i - 2]):
+        return None
+    verb = words[i - 2]
+    if not (
+        verb.endswith("ed") or verb in {"made", "led", "built", "run", "won", "written", "held", "given"}
+    ):
+        return None
+    if low[i - 3] in {"is", "are", "was", "were"} and words[i - 3].isalpha():
+        subj = _subject(words[: i - 3])
+    elif words[i - 3].endswith(","):
+        subj = _subject([*words[: i - 3], words[i - 3].rstrip(",")])
+    else:
+        return None
+    if subj is None or subj[0].lower() in _PRONOUN_DETS:
+        return None
+    return f"Who {verb} {' '.join(['the', *subj[1:]])}?"
+
+
+def _plural_unit(answer: str) -> str | None:
+    """'47 minutes' -> 'minutes' (a spelled-out plural unit makes a 'How many <unit>' opener)."""
+    last = answer.split()[-1] if len(answer.split()) > 1 else ""
+    return last if len(last) >= 4 and last.isalpha() and last.islower() and last.endswith("s") else None
+
+
+def _kind_openers(kind: str, answer: str, prev: str, nouns: list[str], after: list[str]) -> list[str]:
+    """Question openers for an answer of `kind`, best first (two or more where the kind allows)."""
+    unit = _plural_unit(answer)
+    how_many = [f"How many {unit}"] if unit else []
+    family, _, sub = kind.partition(":")
+    if family == "money":
+        return ["How much", *(how_many or ["What amount"])]
+    if family == "percent":
+        return ["By what percentage", "By how much"] if prev == "by" else ["What percentage", "How much"]
+    if family == "date":
+        if re.fullmatch(rf"(?:{_MONTHS})\.?\s+\d{{4}}", answer):
+            return ["When", "In which month"]
+        return ["When", "On what date"]
+    if family == "year":
+        return ["In what year", "When"]
+    if family == "time":
+        return ["When", "Between which times"] if " " in answer else ["At what time", "When"]
+    if family == "weekday":
+        return ["On which day", "When"]
+    if family == "count":
+        noun = answer.split()[-1]
+        return [f"How many {noun}", f"What number of {noun}"]
+    if family == "quantity":
+        if sub == "duration":
+            if prev == "every":
+                return ["How often", "How frequently"]
+            if prev in {"within", "after", "in", "for", "under"} and unit:
+                return ["How long", f"{prev.capitalize()} how many {unit}"]
+            return ["How long", *(how_many or ["For how long"])]
+        if sub == "length" and after and _bare(after[0]) in {"above", "high", "tall", "below", "deep"}:
+            return ["How high", *how_many]
+        first = {
+            "weight": ["How much", "How heavy"],
+            "length": ["How far", "How long"],
+            "speed": ["How fast", "What speed"],
+            "power": ["How powerful", "What power"],
+            "battery": ["What is the capacity", "How big"],
+            "energy": ["How much energy", "What amount of energy"],
+            "temperature": ["What temperature", "At what temperature"],
+            "size": ["What size", "How large"],
+            "resolution": ["What resolution", "How many megapixels"],
+        }.get(sub, ["What"])
+        return [*first, *how_many]
+    if family == "person":
+        return ["Who", "Which person"]
+    if family == "org":
+        return ["Who", "Which organisation"]
+    if family == "number":
+        return ["How many", "What number"]
+    if family == "place":
+        alt = (
+            f"{prev.capitalize()} which place" if prev in _PLACE_PREP and prev != "between" else "Which place"
+        )
+        return ["Where", alt]
+    # A name: "the Tallyhome system" -> "Which system"; "code name Kestrel" -> "What code name".
+    if prev in _LABEL_NOUNS:
+        return [f"What {prev}", f"Which {prev}"]
+    if nouns:
+        noun = nouns[0]
+        return [f"Which {noun}", f"What is the name of the {noun}"]
+    return ["What", "Which"]
+
+
+def _noun_after(sentence: str, end: int, prev: str) -> list[str]:
+    """For 'the Skarv charging dock.' after the name 'Skarv' return ['charging dock'] (the thing the
+    name names), for 'the Stillwater archive instead of' ['archive']; [] when no noun follows."""
+    if prev != "the":
+        return []
+    words = sentence[end:].split()[:3]
+    run: list[str] = []
+    for w in words[:2]:
+        bare = w.strip(",.;:")
+        if not (bare.isalpha() and (bare.islower() or bare.isupper())) or bare.lower() in STOPWORDS:
+            break
+        if bare.islower() and (re.search(r"[^s]s$|ed$", bare)):
+            break  # "the Institute lends", "the Q7 weighs": a verb, not the thing named
+        run.append(bare)
+        if w != bare:  # punctuation ends the noun phrase
+            return [" ".join(run)]
+    return run[:1]
+
+
+def _name_tokens(m: re.Match[str]) -> tuple[list[tuple[int, int, str]], bool]:
+    """(start, end, text) of the tokens of a name match that are the name, and whether a title led it:
+    glued headings and possessives are cut off ("Policy 2026 The Harrowgate Fen Institute",
+    "Institute's Gannet VPN"), so are leading articles, titles and months, and trailing stopwords."""
+    toks = [(t.start() + m.start(), t.end() + m.start(), t.group(0)) for t in re.finditer(r"\S+", m.group(0))]
+    cut = [k for k, t in enumerate(toks) if t[2].lower() in _NOT_NAMES or re.search(r"['’]s$", t[2])]
+    if cut and cut[-1] < len(toks) - 1:
+        toks = toks[cut[-1] + 1 :]
+    titled = False
+    while toks and (toks[0][2].lower() in _NOT_NAMES or toks[0][2].lower().rstrip(".") in _TITLES):
+        titled = titled or toks[0][2].lower().rstrip(".") in _TITLES
+        toks.pop(0)
+    while toks and toks[-1][2].lower() in _NOT_NAMES:  # "Fees The" -> "Fees"
+        toks.pop()
+    return toks, titled
+
+
+def answer_candidates(sentence: str) -> list[Candidate]:
+    """Answer spans of one sentence with the question openers each suggests, best first."""
+    found: list[Candidate] = []
+    taken: list[tuple[int, int]] = []
+    for pattern_kind, pattern in _PATTERNS:
+        for m in pattern.finditer(sentence):
+            start, end = m.span()
+            if any(start < e and s < end for s, e in taken):
+                continue  # inside a better span ("$1,299" is not also a count)
+            kind = pattern_kind
+            if kind == "name":
+                toks, titled = _name_tokens(m)
+                if not toks or re.search(r"-[a-z]", toks[-1][2]):
+                    continue  # "Aurora-class": an adjective, not a name
+                if start == 0 and toks[0][0] == 0 and len(toks) == 1:
+                    continue  # a single capitalised sentence opener is usually just a word
+                start, end = toks[0][0], toks[-1][1]
+                if titled:
+                    kind = "person"  # "Captain Renske Aalderink"
+            answer = sentence[start:end].strip().rstrip(".,;:")
+            before = sentence[:start].split()
+            prev = _bare(before[-1]).rstrip(".") if before else ""
+            if prev == "than":  # "larger than 20 megabytes": a threshold, its questions come out wrong
+                taken.append((start, end))
+                continue
+            if kind == "name":
+                if prev in _PERSON_CUES:  # "made by Harbor Labs" is an organisation, "by Karin Lund" a person
+                    kind = "org" if answer.split()[-1].lower() in _ORG_WORDS else "person"
+                elif prev in _PLACE_PREP and all(t.isalpha() for t in answer.split()):
+                    kind = "place"
+            elif kind == "year" and prev not in {"in", "since", "until", "by", "from", "of"}:
+                continue
+            elif kind == "count" and answer.split()[-1] in _DURATION_NOUNS:
+                kind = "quantity:duration"  # "every four years"
+            if normalize_answer(sentence).count(normalize_answer(answer)) > 1 or len(answer) < 2:
+                continue  # ambiguous: the answer occurs twice
+            taken.append((start, end))
+            family = kind.split(":")[0]
+            count_noun = answer.split()[-1] if family == "count" else None
+            template, head, role = _template(before, kind, count_noun)
+            if kind == "number" and not template:
+                continue
+            if kind == "name" and role and template and template.startswith("Who"):
+                kind, family = "person", "person"
+            np_ = _noun_phrase_before_of(before)
+            nouns = _noun_after(sentence, end, prev) if family == "name" else []
+            openers = _kind_openers(kind, answer, prev, nouns, sentence[end:].split()[:1])
+            if np_ and family in {"money", "percent", "quantity"}:
+                openers.insert(
+                    0, f"What is the {np_}"
+                )  # "payload of 2.4 kg" -> "What is the maximum payload"
+            if head and not template and family in {"money", "percent", "quantity", "date", "name"}:
+                openers.insert(0, f"What is the {head}")  # "its maximum service ceiling is ..."
+            openers = list(dict.fromkeys(openers))
+            score = _SCORE[family] + (1 if np_ or template or nouns else 0) - (1 if start == 0 else 0)
+            if openers[0] == "What" and not template:
+                score -= 1  # a bare name: the model mostly asks "What is <the answer>?"
+            found.append(Candidate(sentence, answer, kind, openers[0], score, tuple(openers[1:]), template))
+    return sorted(found, key=lambda c: -c.score)
+
+
+def _resolve_it(sentence: str, previous: str) -> str | None:
+    """'It was launched on 21 April 2026.' after 'The Quillfeather Q7 is a survey drone ...' ->
+    'The Quillfeather Q7 was launched on 21 April 2026.': the model is shown who 'it' is."""
+    m = re.match(r"(It|Its|She|Her|He|His)\s", sentence)
+    if not m:
+        return None
+    for n in re.finditer(_NAME, previous):
+        toks, _ = _name_tokens(n)
+        if not toks or not re.match(r"\s+[a-z]", previous[toks[-1][1] :]):
+            continue  # a name followed by a verb-like word: the subject
+        name = previous[toks[0][0] : toks[-1][1]]
+        if previous[: toks[0][0]].rstrip().endswith(("The", "the")):
+            name = f"The {name}"
+        return (name if m.group(1) in {"It", "She", "He"} else f"{name}'s") + sentence[m.end(1) :]
+    return None
+
+
+def select_candidates(text: str, k: int) -> list[Candidate]:
+    """Up to `k` candidates from a chunk with distinct answers, spread over its sentences."""
+    per_sentence = []
+    previous = ""
+    for sentence in split_sentences(text):
+        n = len(sentence.split())
+        if 5 <= n <= 60 and not sentence.endswith("?"):
+            context = _resolve_it(sentence, previous)
+            per_sentence.append([replace(c, context=context) for c in answer_candidates(sentence)])
+        previous = sentence
+    # Best score first; each fact already taken from a sentence costs its next ones 1.5 points, so
+    # the facts spread over the sentences unless one sentence is much richer.
+    pool = [(s, r, c) for s, cands in enumerate(per_sentence) for r, c in enumerate(cands)]
+    taken = [0] * len(per_sentence)
+    chosen: list[Candidate] = []
+    seen: set[str] = set()
+    while pool and len(chosen) < k:
+        best = max(range(len(pool)), key=lambda n: (pool[n][2].score - 1.5 * taken[pool[n][0]], -n))
+        s, _, cand = pool.pop(best)
+        key = normalize_answer(cand.answer)
+        if key not in seen:
+            seen.add(key)
+            taken[s] += 1
+            chosen.append(cand)
+    return chosen

@@ -1,0 +1,140 @@
+"""The English the local generator reads answers and questions with: months, units, money, dates,
+clock times, counts, names, roles and organisation words, and the word lists its checks use.
+
+Pure data and compiled patterns; nothing here imports the rest of the package.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tasks.text import STOPWORDS
+
+_MONTHS = (
+    "January|February|March|April|May|June|July|August|September|October|November|December|"
+    "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec"
+)
+_WEEKDAYS = "Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday"
+# Not in the middle of another number or a name: the "1" of "2.1" or the "7" of "Q7" is no answer.
+_NUM = r"(?<![\w.,])\d[\d,]*(?:\.\d+)?"
+_INT = r"(?<![\w.,])\d[\d,]*(?![.,]?\d)"
+_UNITS = {
+    "weight": "kg|g|mg|t|tonnes?|tons?|kilograms?|grams?|lb|lbs|oz|ounces",
+    "length": (
+        "km|m|cm|mm|nm|mi|miles?|ft|feet|inch(?:es)?|metres?|meters?|kilometres?|kilometers?|"
+        "centimetres?|centimeters?|millimetres?|millimeters?"
+    ),
+    "speed": "km/h|kph|mph|m/s|knots",
+    "duration": (
+        "hours?|hrs?|h|minutes?|mins?|min|seconds?|secs?|s|milliseconds?|ms|days?|weeks?|months?|years?"
+    ),
+    "power": "W|kW|MW|GW|watts?|kilowatts?|megawatts?|hp|horsepower",
+    "battery": "mAh|Ah|Wh|kWh",
+    "energy": "MWh|GWh|TWh",
+    "temperature": "°C|°F|degrees(?: Celsius| Fahrenheit)?",
+    "size": "KB|MB|GB|TB|kilobytes?|megabytes?|gigabytes?|terabytes?",
+    "resolution": "megapixels?|MP",
+    "other": "L|l|ml|mL|litres?|liters?|gallons?|V|A|Hz|kHz|MHz|GHz|dB|px|fps",
+}
+_CURRENCY_WORDS = "USD|EUR|GBP|NOK|SEK|DKK|CHF|dollars|euros|pounds|kroner|francs|yen"
+_MONEY = (
+    rf"[$€£¥]\s?{_NUM}(?:\s?(?:million|billion|thousand|bn|k)\b)?"
+    rf"|{_NUM}\s?(?:million |billion )?(?:{_CURRENCY_WORDS})\b"
+)
+_DAY = r"\d{1,2}(?:st|nd|rd|th)?"
+_DATE = (
+    rf"\b(?:(?:{_MONTHS})\.?\s+{_DAY},?\s+\d{{4}}"  # March 5, 2024
+    rf"|{_DAY}\s+(?:{_MONTHS})\s+\d{{4}}"  # 5 March 2024
+    rf"|(?:{_MONTHS})\s+\d{{4}}"  # March 2024
+    r"|\d{4}-\d{2}-\d{2})\b"  # 2024-03-05
+)
+_CLOCK = r"(?<![\d:])\d{1,2}:\d{2}(?![\d:])(?:\s?[ap]\.?m\.?)?"
+_SPELLED = "two|three|four|five|six|seven|eight|nine|ten|eleven|twelve"
+# Words ending in "s" that are no plural nouns: "412 staff across the campuses" is not a count of "across".
+_NOT_PLURALS = "across|always|perhaps|towards|afterwards|besides|unless|whereas|plus|less|thus|as|is|was|has|does|its|this|his"
+# "240 engineers", "20 new branches": an optional modifier (not itself a plural) and a plural noun.
+_COUNT = (
+    rf"(?:(?!(?:1[5-9]|20)\d\d\b){_INT}|\b(?:{_SPELLED}))(?:\s+[a-z-]*[a-rt-z])?"
+    rf"\s+(?!(?:{_NOT_PLURALS})\b)(?:[a-z][a-z-]*s|people|children|staff|personnel|men|women)\b"
+)
+# Capitalised words, digits ("Q7", "5.2") and name particles between them ("Pieter de Vries").
+_NAME = (
+    r"\b[A-Z][\w'’-]*"
+    r"(?:\s+(?:(?:de|van|von|der|den|da|di|du|la|le|bin|al)\s+)?(?:[A-Z][\w'’-]*|\d[\w-]*(?:\.\d+)*))*"
+)
+_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    ("money", re.compile(_MONEY)),
+    ("percent", re.compile(rf"{_NUM}\s?(?:%|percent\b|per cent\b)")),
+    ("date", re.compile(_DATE)),
+    (
+        "time",
+        re.compile(rf"{_CLOCK}\s?(?:to|-|–|until)\s?{_CLOCK}|(?<=between ){_CLOCK} and {_CLOCK}|{_CLOCK}"),
+    ),
+    *[(f"quantity:{k}", re.compile(rf"{_NUM}\s?(?:{v})(?![\w/])")) for k, v in _UNITS.items()],
+    ("year", re.compile(r"\b(?:1[5-9]\d\d|20\d\d)\b")),
+    ("weekday", re.compile(rf"\b(?:{_WEEKDAYS})s?\b")),
+    ("count", re.compile(_COUNT)),
+    ("name", re.compile(_NAME)),
+    ("number", re.compile(rf"{_NUM}(?![\w%])")),  # a bare number: only with a template ("... is 32")
+]
+# Priority of answer kinds: facts with numbers make the most checkable questions.
+_SCORE = {
+    "money": 5,
+    "percent": 5,
+    "date": 5,
+    "quantity": 5,
+    "time": 4,
+    "year": 4,
+    "count": 4,
+    "person": 4,
+    "org": 4,
+    "weekday": 3,
+    "place": 3,
+    "name": 2,
+    "number": 4,
+}
+_DURATION_NOUNS = {"hours", "minutes", "seconds", "days", "weeks", "months", "years"}
+_PLACE_PREP = {"in", "at", "from", "near", "to", "into", "between"}
+_TITLES = {"dr", "mr", "mrs", "ms", "prof", "professor", "captain", "capt", "sir", "dame"}
+_ROLES = {
+    "ceo", "founder", "engineer", "director", "manager", "officer", "master", "chief", "executive",
+    "president", "chair", "chairman", "chairwoman", "head", "minister", "mayor", "editor", "author",
+    "architect", "designer", "inventor", "leader", "secretary", "treasurer", "chancellor", "dean",
+}  # fmt: skip
+_PERSON_CUES = {"by"} | _TITLES | _ROLES
+_ORG_WORDS = {
+    "labs", "works", "inc", "ltd", "llc", "gmbh", "plc", "bank", "group", "company", "corporation", "corp",
+    "logistics", "authority", "institute", "university", "systems", "technologies", "industries",
+    "association", "council", "agency", "ministry", "department", "foundation", "society", "studio", "studios",
+}  # fmt: skip
+# A capitalised word after one of these nouns is a label: "code name Kestrel", "priority P1".
+_LABEL_NOUNS = {"name", "codename", "priority", "model", "type", "class", "grade", "level", "version", "tier"}
+_NOT_NAMES = (
+    set(_MONTHS.lower().split("|"))
+    | set(_WEEKDAYS.lower().split("|"))
+    | STOPWORDS
+    | {"its", "their", "field"}
+)
+_CHANGE_VERBS = {"reduced", "raised", "increased", "lowered", "cut", "set", "limited", "capped", "extended"}
+_CLAUSE_BREAKS = {"that", "which", "who", "and", "but", "while", "because", "where", "when", "whereas", "if"}
+_PRONOUN_DETS = {"its", "their", "his", "her", "our"}
+# Words a question may use that its source sentence need not contain.
+_QUESTION_WORDS = frozenset(
+    "much many long far fast tall big high old large percentage percent year years total number amount "
+    "name named called kind type date day time does did often frequently heavy weight speed size "
+    "capacity resolution place person hours".split()
+)
+_META = re.compile(
+    r"\b(the (text|passage|sentence|fact|answer|document|following)|this (sentence|fact|text)"
+    r"|which (one )?of (these|them)|true or false|a lie|(correct|valid|right) answer)\b",
+    re.I,
+)
+# Words that give a question away as asking for another kind of answer: "How much does a yacht weigh?"
+# for "3.20 pounds" (a fee), "How long ... cost?" for a duration.
+_WRONG_WORDS = {
+    "money": {"weigh", "weighs", "weight", "heavy", "far", "fast", "tall", "long", "old"},
+    "quantity:weight": {"cost", "costs", "price", "pay", "paid", "fee", "far", "fast", "long", "tall", "old"},
+    "quantity:length": {"weigh", "weighs", "heavy", "cost", "costs", "price", "fast", "old"},
+    "quantity:duration": {"weigh", "weighs", "heavy", "cost", "costs", "price", "far", "tall"},
+    "quantity:speed": {"weigh", "weighs", "heavy", "cost", "costs", "price", "old"},
+}
