@@ -193,6 +193,47 @@ def _contexts(contexts: Sequence[Context] | None, n: int) -> list[Context]:
 
 # ------------------------------------------------------------------------------------------- public API
 @torch.inference_mode()
+def _line_masks(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per vocabulary id: (holds a newline, has text before its first newline, has any text), built once
+    per tokenizer from each token's decoded text."""
+    cached = getattr(tokenizer, "_moral_line_masks", None)
+    if cached is not None:
+        return cached
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    # Line breaks as str.splitlines sees them (\n, \r, \v, \f, \x1c-\x1e, \x85, \u2028, \u2029): the
+    # strict metric reads the first non-empty line the same way.
+    lines = [(s + "x").splitlines() for s in texts]
+    newline = torch.tensor([len(parts) > 1 for parts in lines])
+    before = torch.tensor([bool(parts[0].strip()) for parts in lines])
+    content = torch.tensor([bool(s.strip()) for s in texts])
+    masks = (newline, before, content)
+    try:
+        tokenizer._moral_line_masks = masks
+    except AttributeError:  # a tokenizer that takes no attributes: rebuilt per call
+        pass
+    return masks
+
+
+def _first_line_stop(tokenizer, prompt_length: int):
+    """A stopping criterion, per row: the row has written text and then a newline (a leading
+    newline does not stop it).  The strict metric reads the first non-empty line only, so tokens
+    after it are spent for nothing."""
+    from transformers import StoppingCriteria
+
+    newline, before, content = _line_masks(tokenizer)
+
+    class FirstLine(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            new = input_ids[:, prompt_length:].cpu()
+            if new.shape[1] == 0:
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            last, earlier = new[:, -1], new[:, :-1]
+            wrote = before[last] | (content[earlier].any(dim=1) if earlier.shape[1] else False)
+            return (newline[last] & wrote).to(input_ids.device)
+
+    return FirstLine()
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -201,9 +242,13 @@ def generate_answers(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     system: str | None = None,
+    first_line: bool = False,
 ) -> list[str]:
-    """Greedy answers, batched with left padding and the KV cache; prompt and special tokens stripped."""
-    from transformers import GenerationConfig
+    """Greedy answers, batched with left padding and the KV cache; prompt and special tokens stripped.
+
+    ``first_line``: a short answer ends at the newline after its first text (the rest of a row's
+    tokens are not generated) and only that line is returned."""
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     if not questions:
         return []
@@ -225,11 +270,20 @@ def generate_answers(
     answers = [""] * len(prompts)
     for idx in _length_batches([len(p) for p in prompts], batch_size):
         batch = {k: v.to(device) for k, v in pad_batch([prompts[i] for i in idx], pad, left=True).items()}
-        out = model.generate(**batch, generation_config=gen_cfg)  # [b, T + new]
-        new = out[:, batch["input_ids"].shape[1] :].tolist()
+        length = batch["input_ids"].shape[1]
+        extra = (
+            {"stopping_criteria": StoppingCriteriaList([_first_line_stop(tokenizer, length)])}
+            if first_line
+            else {}
+        )
+        out = model.generate(**batch, generation_config=gen_cfg, **extra)  # [b, T + new]
+        new = out[:, length:].tolist()
         for i, toks in zip(idx, new, strict=True):
             cut = next((j for j, t in enumerate(toks) if t in stops), len(toks))
-            answers[i] = tokenizer.decode(toks[:cut], skip_special_tokens=True).strip()
+            text = tokenizer.decode(toks[:cut], skip_special_tokens=True).strip()
+            if first_line:
+                text = next((ln for ln in text.splitlines() if ln.strip()), "").strip()
+            answers[i] = text
     model.train(was_training)
     return answers
 

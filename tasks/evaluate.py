@@ -199,14 +199,14 @@ def evaluate_model(
             return _generate(
                 model, tokenizer, [questions[i] for i in rows],
                 contexts=None if contexts is None else [contexts[i] for i in rows],
-                max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
+                max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, first_line=True,
             )  # fmt: skip
 
         if memo is None or not is_base:
             return run(list(range(len(questions))))
         ctxs = contexts or [None] * len(questions)
         keys = [
-            memo.key("gen", system, max_new_tokens, q, _ctx_text(c))
+            memo.key("gen-line", system, max_new_tokens, q, _ctx_text(c))
             for q, c in zip(questions, ctxs, strict=True)
         ]
         return memo.many(keys, run)

@@ -150,3 +150,25 @@ def test_batched_generation_equals_single_with_moral(tok):
     )
     with model.disable_adapter():
         assert generate_answers(model, tok, QUESTIONS, max_new_tokens=6) != batched
+
+
+def test_first_line_stops_after_the_first_line_and_returns_it():
+    """``first_line`` returns what the strict metric reads (the first non-empty line of the full
+    greedy answer) while generating no token past it; a leading newline does not stop a row."""
+    from moe.infer import _line_masks, generate_answers
+
+    tok = tiny_tokenizer()
+    newline, before, content = _line_masks(tok)
+    nl = tok.convert_tokens_to_ids("Ċ")  # the byte-level newline
+    assert newline[nl] and not before[nl] and not content[nl]
+    # Random weights that make newlines likely: every question's answer gets a line break somewhere.
+    model = tiny_llama(len(tok), seed=5, init_std=0.3)
+    with torch.no_grad():
+        model.lm_head.weight[nl] += 0.6
+    questions = [f"Question number {i} about item {chr(65 + i)}?" for i in range(8)]
+    full = generate_answers(model, tok, questions, max_new_tokens=40, batch_size=4)
+    short = generate_answers(model, tok, questions, max_new_tokens=40, batch_size=4, first_line=True)
+    assert any("\n" in a for a in full)  # the case under test occurs
+    for f, s in zip(full, short, strict=True):
+        first = next((ln for ln in f.strip().splitlines() if ln.strip()), "")
+        assert s == first.strip()
