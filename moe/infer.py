@@ -191,8 +191,6 @@ def _contexts(contexts: Sequence[Context] | None, n: int) -> list[Context]:
     return list(contexts)
 
 
-# ------------------------------------------------------------------------------------------- public API
-@torch.inference_mode()
 def _line_masks(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per vocabulary id: (holds a newline, has text before its first newline, has any text), built once
     per tokenizer from each token's decoded text."""
@@ -234,6 +232,8 @@ def _first_line_stop(tokenizer, prompt_length: int):
     return FirstLine()
 
 
+# ------------------------------------------------------------------------------------------- public API
+@torch.inference_mode()
 def generate_answers(
     model,
     tokenizer,

@@ -194,19 +194,21 @@ def evaluate_model(
     from moe.infer import answer_nll as _nll
     from moe.infer import generate_answers as _generate
 
-    def generate_answers(model, tokenizer, questions, *, contexts, max_new_tokens, batch_size, system):
+    def generate_answers(
+        model, tokenizer, questions, *, contexts, max_new_tokens, batch_size, system, first_line
+    ):
         def run(rows: list[int]) -> list[str]:
             return _generate(
                 model, tokenizer, [questions[i] for i in rows],
                 contexts=None if contexts is None else [contexts[i] for i in rows],
-                max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, first_line=True,
+                max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, first_line=first_line,
             )  # fmt: skip
 
         if memo is None or not is_base:
             return run(list(range(len(questions))))
         ctxs = contexts or [None] * len(questions)
         keys = [
-            memo.key("gen-line", system, max_new_tokens, q, _ctx_text(c))
+            memo.key("gen-line" if first_line else "gen", system, max_new_tokens, q, _ctx_text(c))
             for q, c in zip(questions, ctxs, strict=True)
         ]
         return memo.many(keys, run)
@@ -254,6 +256,7 @@ def evaluate_model(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             system=suite.system,
+            first_line=suite.kind == "qa",  # the strict metric reads the first line; 5L scorers read all
         )
         per_item = score_suite(suite, answers)
         if suite.nll:
