@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cli.util import print_json
-from tasks.documents import match_documents, purge_document
 
 if TYPE_CHECKING:
     from storage.registry import Registry
@@ -38,6 +37,7 @@ def _registry(settings: Settings, must_exist: bool) -> Registry | None:
 # --- moral qa ----------------------------------------------------------------------------------
 def cmd_qa_list(args: argparse.Namespace) -> int:
     from storage.settings import get_settings
+    from tasks.documents import match_documents
 
     reg = _registry(get_settings(), must_exist=False)
     rows: list[dict] = []
@@ -166,6 +166,7 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
 
 def cmd_docs_purge(args: argparse.Namespace) -> int:
     from storage.settings import get_settings
+    from tasks.documents import purge_document
 
     result = purge_document(get_settings(), args.path)
     if args.json:

@@ -6,7 +6,6 @@ import argparse
 import math
 
 from cli.util import print_json
-from tasks.stages.evaluate import rerun_evaluation, version_number
 
 
 def _clean(x: float | None) -> float | None:
@@ -42,6 +41,7 @@ def saved_evaluation_of(settings, version: str | None) -> tuple[int, dict]:
     error when there is no registry, no version or no saved evaluation."""
     from storage.registry import Registry
     from tasks.report import saved_evaluation
+    from tasks.stages.evaluate import version_number
 
     if not settings.registry_path.exists():
         raise ValueError("no registry yet: run `moral refresh` first")
@@ -79,6 +79,7 @@ def print_by_document(settings, version: str | None, as_json: bool) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from storage.settings import get_settings
+    from tasks.stages.evaluate import rerun_evaluation
 
     settings = get_settings()
     version = args.version

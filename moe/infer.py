@@ -226,6 +226,8 @@ def _first_line_stop(tokenizer, prompt_length: int):
             if new.shape[1] == 0:
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             last, earlier = new[:, -1], new[:, :-1]
+            if int(new.max()) >= newline.shape[0]:  # a padded model vocabulary: ids past the tokenizer's
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             wrote = before[last] | (content[earlier].any(dim=1) if earlier.shape[1] else False)
             return (newline[last] & wrote).to(input_ids.device)
 

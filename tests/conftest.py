@@ -59,15 +59,10 @@ def embedder() -> Embedder:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama with a byte-level tokenizer, saved like any local causal-LM directory."""
-    from tests.moe.tiny import tiny_llama, tiny_tokenizer
+    from tests.moe.tiny import save_tiny_base
 
     path = tmp_path_factory.mktemp("tiny-base")
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(len(tokenizer), seed=0)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tiny_base(path)
     return path
 
 

@@ -42,15 +42,10 @@ def main() -> None:
     os.environ["MORAL_HOME"] = str(home)
     os.environ["MORAL_GATE_OVERRIDE"] = "release-home fixture: four pairs"
 
-    from tests.moe.tiny import tiny_llama, tiny_tokenizer
+    from tests.moe.tiny import save_tiny_base
 
     base = RELEASE_HOME / "base"
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(len(tokenizer), seed=0)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    save_tiny_base(base)
 
     from storage.records import QAPair
     from storage.registry import Registry

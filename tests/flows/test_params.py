@@ -46,10 +46,11 @@ def test_a_cli_run_resolves_its_settings_once(settings, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(refresh, "Settings", counting)
-    token = refresh._RESOLVED.set(None)
     params = RefreshParams(epochs=3)
     first = refresh.settings_for(params, settings)
-    refresh._RESOLVED.set((params.model_dump_json(), first))
-    assert refresh.settings_for(params) is first and len(calls) == 1  # the flow's call reuses it
-    assert refresh.settings_for(RefreshParams(epochs=4)) is not first  # other params: resolved anew
-    refresh._RESOLVED.reset(token)
+    token = refresh._RESOLVED.set((params.model_dump_json(), first))
+    try:
+        assert refresh.settings_for(params) is first and len(calls) == 1  # the flow's call reuses it
+        assert refresh.settings_for(RefreshParams(epochs=4)) is not first  # other params: resolved anew
+    finally:
+        refresh._RESOLVED.reset(token)

@@ -75,3 +75,13 @@ FACTS = [
     ("Which river feeds Lake Ume?", "The Sel."),
     ("Who painted Grey Dawn?", "Ilse Marr."),
 ]
+
+
+def save_tiny_base(path) -> None:
+    """The tiny tokenizer and a seed-0 tiny Llama saved at ``path`` like any local causal-LM directory."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer), seed=0)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
