@@ -30,6 +30,9 @@ metric (``tasks.metrics.strict_recall``).  One JSON object is printed on stdout:
     .venv/bin/python bench/knowledge.py --arms moral            # one arm (base is always asked)
     .venv/bin/python bench/knowledge.py --quick                 # smoke run (tests): part 1 only, tiny sizes
     .venv/bin/python bench/knowledge.py --seeds 3               # repeat training with seeds 0, 1, 2
+
+One file (~550 lines) because it is one script read top to bottom: the pipeline arms, the asking
+through `moral serve`, the scoring and the JSON report share its constants and helpers.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from storage.files import write_text_atomic
-from storage.home import plots_dir
+from storage.home import plots_dir, training_log_path
 from storage.registry import Registry
 from storage.settings import Settings
 from tasks.report import MODELS, evaluation_table, knowledge_html, saved_evaluation, score_cell
@@ -57,7 +57,7 @@ def save_plots(settings: Settings, version: int) -> dict[str, Path]:
 def render_plots(settings: Settings, version: int, dpi: int = 100) -> dict[str, bytes]:
     """The PNGs of a version's training plots (``loss``, ``expert_load``) in memory; {} without a
     training log."""
-    log_path = settings.training_dir / f"v{version}.json"
+    log_path = training_log_path(settings, version)
     if not log_path.exists():
         return {}
     import io

@@ -16,6 +16,9 @@ distinct valid questions, a valid one is reopened by rule ("Who ..." / "Which pe
 data then holds several wordings of a fact and the question-hash split puts some in train and some in
 the held-out eval: an eval question asks about a fact the adapter was trained on, in words it was not
 trained on. `pairs_per_chunk` caps the facts per chunk; the pairs are up to pairs_per_chunk * variants.
+
+One file (~450 lines): the generator class and its prompts are one concept; the rules it applies
+are in the package's other modules.
 """
 
 from __future__ import annotations
