@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/moral refresh --source examples/docs
 	$(BIN)/moral versions
-	$(BIN)/moral ask "What is the maximum payload of the Quillfeather Q7 drone?"
+	@# Three hand-written questions (examples/demo_questions.jsonl), never trained: base model vs champion.
+	$(BIN)/moral ask --questions examples/demo_questions.jsonl
 
 test: setup
 	$(BIN)/ruff check .

@@ -68,8 +68,74 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def ask_fixed(path: str, as_json: bool) -> int:
+    """Hand-written questions (JSONL: question, answer, aliases) asked closed-book of the base model
+    and of the champion, side by side, each scored by strict recall; with the nearest trained
+    question, to show they were not trained."""
+    import contextlib
+    import json
+
+    from moe.infer import generate_answers
+    from server.model import load_answering_model
+    from storage.registry import Registry
+    from storage.settings import get_settings
+    from tasks.metrics import strict_recall
+    from tasks.splits import jaccard
+
+    settings = get_settings()
+    items = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    questions = [it["question"] for it in items]
+    reg = Registry.from_settings(settings) if settings.registry_path.exists() else None
+    version, label = None, "the champion"
+    if reg is not None and reg.champion() is None:  # nothing promoted: show what training produced
+        trained_versions = [v for v in reg.list_versions() if v.artifact_uri]
+        if trained_versions:
+            version = trained_versions[-1].version
+            label = f"v{version} ({trained_versions[-1].status}, not promoted)"
+    model, tokenizer, name = load_answering_model(settings, version)
+    champion = generate_answers(model, tokenizer, questions, max_new_tokens=32, first_line=True)
+    if name is not None:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            base = generate_answers(model, tokenizer, questions, max_new_tokens=32, first_line=True)
+    else:
+        base = champion
+    trained_ids = set(reg.trained_pairs()) if reg is not None else set()
+    trained = [p.question for p in reg.qa_pairs(status=None) if p.qa_id in trained_ids] if reg else []
+    rows = []
+    for it, b, c in zip(items, base, champion, strict=True):
+        gold, aliases = it["answer"], it.get("aliases", [])
+        near = max(trained, key=lambda t: jaccard(it["question"], t)) if trained else None
+        rows.append({
+            "question": it["question"], "gold": gold,
+            "base": b, "base_correct": bool(strict_recall(b, gold, aliases)),
+            "champion": c, "champion_correct": bool(strict_recall(c, gold, aliases)),
+            "nearest_trained": near, "nearest_jaccard": round(jaccard(it["question"], near), 2) if near else None,
+        })  # fmt: skip
+    if as_json:
+        _print_json({"champion": name, "questions": rows})
+        return 0
+    mark = {True: "right", False: "wrong"}
+    print(f"Closed-book, base model vs {label if name else 'base model (nothing trained yet)'} [{name}]:")
+    for r in rows:
+        print(f"\nQ: {r['question']}   (gold: {r['gold']})")
+        print(f"  base:     {r['base']!r:60} {mark[r['base_correct']]}")
+        print(f"  champion: {r['champion']!r:60} {mark[r['champion_correct']]}")
+        if r["nearest_trained"]:
+            print(f"  nearest trained question (word overlap {r['nearest_jaccard']}): {r['nearest_trained']}")
+    print(
+        f"\nright: base {sum(r['base_correct'] for r in rows)}/{len(rows)}, "
+        f"champion {sum(r['champion_correct'] for r in rows)}/{len(rows)}"
+    )
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from server.model import answer_question
+
+    if args.questions:
+        return ask_fixed(args.questions, args.json)
+    if not args.question:
+        raise SystemExit("moral ask: give a question, or --questions FILE")
 
     result = answer_question(args.question, version=args.version, open_book=args.open_book)
     if args.json:
@@ -103,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("ask", help="answer a question with the champion adapter (base model when none)")
-    p.add_argument("question")
+    p.add_argument("question", nargs="?")
+    p.add_argument(
+        "--questions",
+        metavar="FILE",
+        help="JSONL of hand-written questions (question, answer, aliases): ask each closed-book of the "
+        "base model and the champion, side by side, scored by strict recall",
+    )
     p.add_argument(
         "--open-book", action="store_true", help="retrieve passages from the index into the prompt"
     )

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from moe.base_model import pick_device
 from moe.infer import IGNORE, encode_chat, model_device, pad_batch, token_nll
@@ -66,15 +67,18 @@ class TrainConfig:
 
 @dataclass
 class Example:
-    """One QA training pair. `sample_group` selects the expert group in LoRAMoE-style balancing (0 = world
-    knowledge / default); `weight` multiplies the example's token losses (e.g. < 1 for replay pairs)."""
+    """One training example: a chat QA pair (loss on the answer), open-book when `context` is given, or
+    plain `text` (a document passage: no chat template, loss on every token). `sample_group` selects the
+    expert group in LoRAMoE-style balancing (0 = world knowledge / default); `weight` multiplies the
+    example's token losses (e.g. < 1 for replay pairs)."""
 
-    question: str
-    answer: str
+    question: str = ""
+    answer: str = ""
     system: str | None = None
     context: str | Sequence[str] | None = None
     sample_group: int = 0
     weight: float = 1.0
+    text: str | None = None
 
 
 @dataclass
@@ -87,8 +91,12 @@ class TrainResult:
     tokens: int  # non-padding tokens processed
     target_tokens: int  # tokens the loss was computed on
     device: str
+    padded_tokens: int = 0  # positions run, padding included (tokens / padded_tokens: the batches' fill)
     dev_loss: float | None = None
     expert_stats: dict | None = None
+    #: (step, score) of every checkpoint scored by ``select``; the model ends at ``best_step``.
+    checkpoints: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,8 +106,15 @@ def format_example(tokenizer, ex: Example, max_length: int) -> dict[str, list[in
     """Chat-formatted input_ids and labels; labels are -100 except on the answer and end-of-turn tokens.
 
     Too-long examples keep the answer and lose prompt tokens from the left (the question and assistant
-    header sit at the end of the prompt, so they survive).
+    header sit at the end of the prompt, so they survive). A `text` example is the passage's tokens
+    and end-of-sequence, every one a target (cut at `max_length`).
     """
+    if ex.text is not None:
+        ids = tokenizer(ex.text.strip(), add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        ids = ids[:max_length]
+        return {"input_ids": ids, "labels": list(ids)}
     prompt, comp, n_target = encode_chat(tokenizer, ex.question, ex.answer, ex.context, ex.system)
     comp = comp[: min(n_target, max_length)]  # drop template trailers after the end-of-turn token
     n_target = len(comp)
@@ -124,12 +139,44 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch's micro-batches: a random order, then within each window of 32 batches the examples
+    sorted by length and cut into batches, and the batches shuffled. Each example is seen once per
+    epoch, a batch holds examples of similar length (a 40-token QA pair is not padded to a 400-token
+    open-book one), and which examples meet in a batch still changes every epoch."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * 32
+    batches: list[list[int]] = []
+    for w in range(0, len(order), window):
+        part = sorted(order[w : w + window], key=lambda i: lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
+
+
 def _accepts_sample_group(model) -> bool:
     # Only an explicit parameter counts: peft's forward(**kwargs) would pass it down to the HF model.
     try:
         return "sample_group" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward computes logits for chosen positions only (``logits_to_keep`` as
+    an index tensor: HF causal LMs, and MoRAL / peft models that pass keyword arguments down)."""
+    base = model
+    for _ in range(4):  # MoRAL -> base; peft -> LoraModel -> HF model
+        try:
+            if "logits_to_keep" in inspect.signature(base.forward).parameters:
+                return True
+        except (TypeError, ValueError):
+            return False
+        nxt = getattr(base, "base_model", None) or getattr(base, "model", None)
+        if nxt is None or nxt is base:
+            return False
+        base = nxt
+    return False
 
 
 def _autocast(device: torch.device, cfg: TrainConfig):
@@ -141,8 +188,21 @@ def _micro_loss(
     model, batch: dict, weights: torch.Tensor, extra: dict
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum over target tokens of weight*NLL (not yet normalised), and the model's aux loss if any."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-    nll = token_nll(out.logits, batch["labels"])  # [b, T-1], zero on ignored positions
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)  # positions that predict a target
+    if _keeps_logits(model) and keep.numel() < 0.9 * (labels.shape[1] - 1):
+        # The LM head (49k-wide for SmolLM2) runs only where a target is predicted: an open-book
+        # example is ~450 prompt tokens and ~15 answer tokens, and its full logits cost more than the
+        # rest of the step.
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, **extra
+        )
+        logits = out.logits.float()  # [b, len(keep), V]
+        targets = labels[:, 1:][:, keep]
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+        nll = token_nll(out.logits, labels)  # [b, T-1], zero on ignored positions
     lm_sum = (nll.sum(1) * weights).sum()
     aux_fn = getattr(model, "aux_loss", None)
     aux = aux_fn() if callable(aux_fn) else None
@@ -178,6 +238,8 @@ def train(
     cfg: TrainConfig,
     callback: Callable[[dict], None] | None = None,
     dev_examples: Sequence[Example] | None = None,
+    select: Callable[[object], float] | None = None,
+    select_every: int | None = None,
 ) -> TrainResult:
     """Fine-tune the trainable parameters of `model` on chat-formatted QA pairs (AdamW, warm-up + decay).
 
@@ -185,6 +247,11 @@ def train(
     the step's total token count, so grad_accum=2 x batch 4 equals batch 8), plus the model's aux loss
     averaged over micro-batches. `callback` gets {step, epoch, loss, aux_loss, lr, seconds} for every
     step, delivered in groups every `log_every` steps (the only host syncs in the loop).
+
+    ``select(model) -> score`` (higher is better; e.g. dev recall) is called every ``select_every``
+    optimizer steps and after the last; the trainable parameters of the best-scoring step are kept
+    (the earliest of equal scores) and restored at the end, so training can run past the best step
+    without losing it.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -214,7 +281,7 @@ def train(
     lrs: list[float] = []
     pending: list[tuple[dict, torch.Tensor, torch.Tensor]] = []  # per-step records awaiting a host sync
     zero = torch.zeros((), device=device)
-    tokens = target_tokens = 0
+    tokens = target_tokens = padded = 0
     start = time.perf_counter()
 
     def flush() -> None:
@@ -229,11 +296,20 @@ def train(
                 callback(record)
         pending.clear()
 
+    checkpoints: list[tuple[int, float]] = []
+    best: dict = {"score": None, "step": None, "state": None}
+
+    def checkpoint(at: int) -> None:
+        score = float(select(model))  # type: ignore[misc]
+        model.train()
+        checkpoints.append((at, score))
+        if best["score"] is None or score > best["score"]:
+            best.update(score=score, step=at, state=[p.detach().clone() for p in params])
+
     model.train()
     step = 0
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(encoded), generator=shuffle_gen).tolist()
-        micro = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        micro = length_batches([len(e["input_ids"]) for e in encoded], cfg.batch_size, shuffle_gen)
         for s in range(0, len(micro), cfg.grad_accum):
             window = micro[s : s + cfg.grad_accum]
             n_step_targets = max(1, sum(encoded[i]["n_target"] for mb in window for i in mb))
@@ -250,6 +326,7 @@ def train(
                 if aux is not None:
                     step_aux += aux.detach() / len(window)
                 tokens += sum(len(it["input_ids"]) for it in items)
+                padded += len(items) * max(len(it["input_ids"]) for it in items)
                 target_tokens += sum(it["n_target"] for it in items)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -263,7 +340,16 @@ def train(
             pending.append((record, step_lm, step_aux))
             if step % cfg.log_every == 0:
                 flush()
+            if select is not None and select_every and step % select_every == 0 and step < total_steps:
+                flush()
+                checkpoint(step)
     flush()
+    if select is not None:
+        checkpoint(step)
+        if best["step"] != step:
+            with torch.no_grad():
+                for p, saved in zip(params, best["state"], strict=True):
+                    p.copy_(saved)
     model.eval()
     seconds = time.perf_counter() - start
 
@@ -283,8 +369,11 @@ def train(
         tokens=tokens,
         target_tokens=target_tokens,
         device=str(device),
+        padded_tokens=padded,
         dev_loss=dev_loss,
         expert_stats=stats,
+        checkpoints=checkpoints,
+        best_step=best["step"],
     )
 
 

@@ -72,7 +72,19 @@ class Settings(BaseSettings):
     )
     qa_model: str | None = Field(None, description="Model name for the openai backend.")
     qa_pairs_per_chunk: int = Field(
-        3, ge=1, le=20, description="Facts asked about per chunk (each asked in 2 wordings)."
+        3,
+        ge=1,
+        le=20,
+        description="Facts asked about per chunk; each is asked in qa_wordings_per_fact wordings, so a "
+        "chunk yields up to qa_pairs_per_chunk * qa_wordings_per_fact pairs.",
+    )
+    qa_wordings_per_fact: int = Field(
+        6,
+        ge=1,
+        le=12,
+        description="Distinct wordings each fact is asked in (other openers, both directions of a "
+        "relation, the subject named another way): one wording of a fact teaches it poorly; several, "
+        "trained in different sequences, teach it to be recalled in words never trained.",
     )
     qa_concurrency: int = Field(8, ge=1, le=256, description="Concurrent LLM requests (openai backend).")
     qa_timeout_s: float = Field(60.0, gt=0, description="Per-request timeout for the openai backend.")
@@ -98,11 +110,53 @@ class Settings(BaseSettings):
     top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
     rank: int = Field(8, ge=1, description="LoRA rank of each expert.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / rank).")
-    epochs: int = Field(10, ge=1, description="Training epochs over the delta's train split.")
+    epochs: int = Field(
+        4,
+        ge=1,
+        description="Training epochs over the run's examples (each fact is already asked in several "
+        "wordings: distinct examples teach more than repeated passes).",
+    )
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     batch_size: int = Field(8, ge=1, description="Training batch size (sequences).")
     warm_start: bool = Field(False, description="Initialise a new version from the champion's weights.")
     replay_budget: int = Field(200, ge=0, description="Earlier train pairs replayed with each new delta.")
+    # --- what one training run is made of (tasks.train.build_examples) -------------------------
+    mix_passages: int = Field(
+        2,
+        ge=1,
+        le=5,
+        description="Passages in an open-book or distractors-only training example (the gold one "
+        "counted): each passage costs ~120 trained tokens, so fewer than serving retrieves.",
+    )
+    mix_open_book: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="Share of the new train pairs also trained open-book: the pair's own chunk among "
+        "retrieved distractors, the answer on the first line and its supporting sentence on the next.",
+    )
+    mix_distractors_only: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of the new train pairs also trained with distractor passages only, still "
+        "answered with the trained answer (the model learns not to follow an unrelated passage).",
+    )
+    mix_document_text: bool = Field(
+        True,
+        description="Train on the text of the new chunks too (loss on the text): facts no pair asks "
+        "about can only be learned from it.",
+    )
+    mix_general: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="General prompts answered by the base model itself, per new train pair "
+        "(self-distillation replay: keeps general answers where they were; at most replay_general_size).",
+    )
+    replay_general_size: int = Field(
+        120, ge=0, le=400, description="The fixed general prompts self-distillation replay draws from."
+    )
     replay_min_distance: float = Field(
         0.1, ge=0, lt=2, description="Replay drops a pair within this cosine distance of one already kept."
     )
@@ -127,11 +181,12 @@ class Settings(BaseSettings):
     eval_max_new_tokens: int = Field(24, ge=1, description="Tokens generated per evaluation answer.")
     recall_sample: int = Field(30, ge=0, description="Trained pairs re-asked to measure recall.")
     holdout_size: int = Field(
-        40, ge=0, description="FanOutQA world-knowledge holdout sample size (0 needs gate_override)."
+        40, ge=0, le=600, description="FanOutQA world-knowledge holdout sample size (0 needs gate_override)."
     )
     drift_size: int = Field(
         60,
         ge=0,
+        le=600,
         description="General prompts (FanOutQA questions outside the holdout, then the shipped general "
         "instructions) whose base-model answers measure drift (0 needs gate_override).",
     )

@@ -119,6 +119,12 @@ class BaseMemo:
 
     _salt = ""
 
+    @classmethod
+    def for_base(cls, model_cache: Path, base_sha256: str) -> BaseMemo:
+        """The memo of one base model, shared by every data home on this machine (evaluation's
+        base outputs and the base model's answers to the self-distillation replay prompts)."""
+        return cls(model_cache / "evaluations" / f"{base_sha256[:16]}.json", base_sha256)
+
     def bind(self, model, tokenizer) -> None:
         """Key everything also by what turns an item into the base model's output besides its
         weights: the tokenizer and chat template, the prompt and decoding code (``moe/infer.py``),

@@ -82,3 +82,28 @@ def drift_prompts(size: int, seed: int = 0) -> list[str]:
     general = general_prompts()[: (size + 1) // 2]
     questions = [p.question for p in reversed(_shuffled(seed))][: size - len(general)]
     return general + questions
+
+
+REPLAY_FILE = Path(__file__).parent / "data" / "replay_prompts.txt"
+#: The largest holdout and drift sizes the settings allow: replay never takes from either end.
+REPLAY_GUARD = 600
+
+
+def replay_prompts(size: int, seed: int = 0) -> list[str]:
+    """``size`` fixed general prompts for self-distillation replay (the base model's own answers are
+    trained beside the new knowledge): the shipped replay instructions first (up to half), then
+    FanOutQA questions from the middle of the holdout's shuffle, so they are neither holdout questions
+    (its front) nor drift prompts (its back) for any holdout and drift size below half the data."""
+    if size <= 0:
+        return []
+    general = general_prompts(REPLAY_FILE)[: (size + 1) // 2]
+    pairs = _shuffled(seed)
+    # FanOutQA repeats a question text under several ids: a text the holdout or drift could take at
+    # their largest allowed sizes is never replayed.
+    measured = {p.question for p in pairs[:REPLAY_GUARD]} | {p.question for p in pairs[-REPLAY_GUARD:]}
+    middle = pairs[REPLAY_GUARD:-REPLAY_GUARD]
+    start = len(middle) // 4
+    picked = [
+        p.question for p in dict.fromkeys(middle[start:] + middle[:start]) if p.question not in measured
+    ]
+    return general + list(dict.fromkeys(picked))[: size - len(general)]

@@ -31,6 +31,26 @@ class TrainPair:
     group: int = 0  # 0 = new knowledge (the delta), 1 = retained knowledge (replay)
 
 
+#: What a training example is made of (``TrainExample.kind``), recorded with the version.
+#: ``dev`` examples are not trained: the checkpoint kept is the one that answers them best.
+EXAMPLE_KINDS = ("closed", "open_book", "distractors", "document", "general", "dev")
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """One example the trainer sees: a QA pair closed-book, open-book (``context``: its chunk among
+    distractors) or with distractors only; a document chunk's ``text``; or a general prompt answered
+    by the base model itself.  ``ref`` names its source (qa_id, chunk_id or the prompt)."""
+
+    kind: str
+    ref: str
+    question: str = ""
+    answer: str = ""
+    context: str | None = None
+    text: str | None = None
+    group: int = 0
+
+
 @dataclass
 class TrainOutcome:
     artifact_dir: Path
@@ -49,22 +69,119 @@ def data_hash(pairs: Sequence[TrainPair]) -> str:
     return h.hexdigest()
 
 
+def examples_hash(examples: Sequence[TrainExample]) -> str | None:
+    """Hash of the examples beyond the closed-book pairs (None when there are none: the pairs' own
+    hash then stands alone, as it did before other kinds existed)."""
+    rest = [e for e in examples if e.kind != "closed"]
+    if not rest:
+        return None
+    h = hashlib.sha256()
+    for e in sorted(rest, key=lambda e: (e.kind, e.ref)):
+        h.update(json.dumps([e.kind, e.ref, e.question, e.answer, e.context, e.text, e.group]).encode())
+    return h.hexdigest()
+
+
+def training_data_hash(pairs: Sequence[TrainPair], examples: Sequence[TrainExample]) -> str:
+    """What the version records as its data: the pairs, and the other examples when there are any."""
+    dhash, extra = data_hash(pairs), examples_hash(examples)
+    return dhash if extra is None else hashlib.sha256(f"{dhash}:{extra}".encode()).hexdigest()
+
+
 #: The settings that change the trained weights, recorded with the version (``train_params.json``,
 #: the registry's params) and hashed into the artifact key.  Defined here once.
 TRAINED_WITH = ("rank", "alpha", "epochs", "learning_rate", "batch_size", "seed", "warm_start")
 TRAINED_WITH_MORAL = ("num_experts", "top_k")
 #: Settings added after adapters were already trained, with the value every earlier adapter was
 #: trained with: such a setting is recorded only when it differs, so earlier artifact keys stay valid.
-ADDED_LATER = {"loramoe": False}
+ADDED_LATER = {
+    "mix_passages": 2,
+    "mix_open_book": 0.0,
+    "mix_distractors_only": 0.0,
+    "mix_document_text": False,
+    "mix_general": 0.0,
+}
+ADDED_LATER_MORAL = {"loramoe": False}
 
 
 def train_params(settings: Settings, kind: str = "moral") -> dict:
     """Every setting that changes the trained weights, recorded with the version."""
     names = TRAINED_WITH + (TRAINED_WITH_MORAL if kind == "moral" else ())
     params: dict[str, Any] = {"kind": kind, **{name: getattr(settings, name) for name in names}}
-    if kind == "moral":
-        params |= {k: getattr(settings, k) for k, old in ADDED_LATER.items() if getattr(settings, k) != old}
+    later = ADDED_LATER | (ADDED_LATER_MORAL if kind == "moral" else {})
+    params |= {k: getattr(settings, k) for k, old in later.items() if getattr(settings, k) != old}
     return params
+
+
+def _share(salt: str, ref: str) -> float:
+    return int(hashlib.sha256(f"{salt}:{ref}".encode()).hexdigest()[:12], 16) / 16**12
+
+
+def supporting_sentence(chunk_text: str, answer: str, max_words: int = 40) -> str | None:
+    """The chunk's sentence that states ``answer`` (the quote an open-book answer gives on its second
+    line), or None when no short sentence holds it."""
+    from tasks.chunking import split_sentences
+    from tasks.text import normalize_answer
+
+    gold = normalize_answer(answer)
+    for sentence in split_sentences(chunk_text):
+        if gold and gold in normalize_answer(sentence) and len(sentence.split()) <= max_words:
+            return sentence.strip()
+    return None
+
+
+def build_examples(
+    settings: Settings,
+    pairs: Sequence[TrainPair],
+    *,
+    chunk_of: dict[str, str] | None = None,
+    chunk_text: dict[str, str] | None = None,
+    distractors: dict[str, list[str]] | None = None,
+    documents: Sequence[tuple[str, str]] = (),
+    general: Sequence[tuple[str, str]] = (),
+    dev: Sequence[tuple[str, str, str]] = (),
+    k: int = 3,
+) -> list[TrainExample]:
+    """The run's training examples, mixed by the ``mix_*`` settings (pure; the train stage gathers
+    the inputs).
+
+    * every pair closed-book;
+    * ``mix_open_book`` of the new pairs (chosen by a hash of the qa_id, so the same pairs every
+      run) open-book: their chunk among ``k - 1`` retrieved distractor passages (``distractors``: the
+      nearest other chunks' texts, nearest first) at a position fixed by the hash; the answer on the
+      first line and the supporting sentence, if the chunk has a short one, on the next;
+    * ``mix_distractors_only`` of the new pairs (another hash) with ``k`` distractors and no gold
+      passage, answered as trained;
+    * with ``mix_document_text``, ``documents`` — (chunk_id, text) of the new documents' chunks — as text;
+    * ``mix_general`` × the new pairs of ``general`` — (prompt, the base model's own answer) — as
+      retained knowledge (group 1);
+    * ``dev`` — (qa_id, question, answer) of dev pairs, facts never trained nor evaluated — as
+      ``dev`` examples: not trained, they choose the checkpoint (strict recall, closed-book).
+    """
+    chunk_of, chunk_text, distractors = chunk_of or {}, chunk_text or {}, distractors or {}
+    out = [TrainExample("closed", p.qa_id, p.question, p.answer, group=p.group) for p in pairs]
+    new = [p for p in pairs if p.group == 0]
+    for p in new:
+        others = distractors.get(p.qa_id, [])
+        gold = chunk_text.get(chunk_of.get(p.qa_id, ""))
+        if gold and _share("open-book", p.qa_id) < settings.mix_open_book:
+            passages = others[: k - 1]
+            at = int(_share("position", p.qa_id) * (len(passages) + 1))
+            passages = [*passages[:at], gold, *passages[at:]]
+            quote = supporting_sentence(gold, p.answer)
+            answer = p.answer if quote is None else f"{p.answer}\n{quote}"
+            out.append(TrainExample("open_book", p.qa_id, p.question, answer, "\n\n".join(passages)))
+        if len(others) >= k and _share("distractors", p.qa_id) < settings.mix_distractors_only:
+            out.append(TrainExample("distractors", p.qa_id, p.question, p.answer, "\n\n".join(others[:k])))
+    if settings.mix_document_text:
+        out += [TrainExample("document", cid, text=text) for cid, text in documents if text.strip()]
+    n_general = min(len(general), round(settings.mix_general * len(new)))
+    out += [TrainExample("general", q, q, a, group=1) for q, a in general[:n_general] if a.strip()]
+    out += [TrainExample("dev", qa_id, q, a) for qa_id, q, a in dev]
+    return out
+
+
+def example_counts(examples: Sequence[TrainExample]) -> dict[str, int]:
+    return {kind: sum(e.kind == kind for e in examples) for kind in EXAMPLE_KINDS}
 
 
 def train_config(settings: Settings):
@@ -76,6 +193,7 @@ def train_config(settings: Settings):
         learning_rate=settings.learning_rate,
         batch_size=settings.batch_size,
         seed=settings.seed,
+        max_length=768,  # an open-book example: three passages, the question and the answer
     )
 
 
@@ -107,6 +225,10 @@ def loramoe_options(settings: Settings) -> dict[str, Any]:
     return {"balance_loss": "localized", "expert_groups": 2}
 
 
+#: Checkpoints scored on dev per training run (the last step always among them).
+CHECKPOINTS = 4
+
+
 def artifact_key(dhash: str, params: dict, base_sha256: str, parent_key: str | None) -> str:
     blob = json.dumps(
         {"data": dhash, "params": params, "base": base_sha256, "parent": parent_key}, sort_keys=True
@@ -124,12 +246,14 @@ def train_candidate(
     kind: str = "moral",
     progress: Callable[[dict], None] | None = None,
     bank_init: BankSelection | None = None,
+    examples: Sequence[TrainExample] | None = None,
 ) -> TrainOutcome:
     """Train (or find already trained) the candidate adapter; returns where it lies and its checksum.
 
     ``bank_init`` (a fresh MoRAL adapter only): experts 0..N-1 start from the chosen bank LoRAs, the
     rest fresh.  A warm start from ``parent_dir`` takes precedence and the train stage then passes
     no bank selection (the champion's experts already are the bank's most recent entries).
+    ``examples`` (from :func:`build_examples`; default: the pairs closed-book) is what is trained.
     """
     if not pairs:
         raise ValueError("no training pairs: nothing to train")
@@ -139,7 +263,9 @@ def train_candidate(
     params = train_params(settings, kind)
     if bank_init is not None:
         params["bank_init"] = bank_init.key()  # expert -> bank entry; a different choice, other weights
-    dhash = data_hash(pairs)
+    if examples is None:
+        examples = [TrainExample("closed", p.qa_id, p.question, p.answer, group=p.group) for p in pairs]
+    dhash = training_data_hash(pairs, examples)
     parent_key = parent_dir.name if warm else None
     key = artifact_key(dhash, params, base_sha256, parent_key)
     store = AdapterStore(settings.adapters_dir)
@@ -175,13 +301,42 @@ def train_candidate(
     else:
         model = make_lora_model(base, rank=settings.rank, alpha=settings.alpha)
 
-    examples = [Example(question=p.question, answer=p.answer, sample_group=p.group) for p in pairs]
+    trained = [
+        Example(question=e.question, answer=e.answer, context=e.context, text=e.text, sample_group=e.group)
+        for e in examples
+        if e.kind != "dev"
+    ]
+    dev = [e for e in examples if e.kind == "dev"]
     tcfg = train_config(settings)
+    select, every = None, None
+    if dev:
+        from moe.infer import generate_answers
+        from tasks.metrics import strict_recall
+
+        def select(m) -> float:
+            answers = generate_answers(
+                m, tokenizer, [e.question for e in dev], max_new_tokens=24, first_line=True
+            )
+            return sum(strict_recall(a, e.answer) for a, e in zip(answers, dev, strict=True)) / len(dev)
+
+        steps = tcfg.epochs * -(-len(trained) // tcfg.batch_size)
+        every = max(1, -(-steps // CHECKPOINTS))
     started = time.perf_counter()
-    result = train(model, tokenizer, examples, tcfg, callback=progress)
+    result = train(model, tokenizer, trained, tcfg, callback=progress, select=select, select_every=every)
     seconds = time.perf_counter() - started
     metrics = {
         "train_pairs": len(pairs),
+        "examples": example_counts(examples),
+        "tokens": result.tokens,
+        "padded_tokens": result.padded_tokens,
+        "tokens_per_second": round(result.tokens / max(seconds, 1e-9), 1),
+        # Checkpoint choice on dev (strict recall): the curve and the step kept; without dev pairs
+        # the last step is kept and the log says so.
+        "dev_curve": [[s, round(v, 4)] for s, v in result.checkpoints],
+        "best_step": result.best_step if dev else result.steps,
+        "checkpoint": f"best dev recall of {len(dev)} dev questions"
+        if dev
+        else "last step (no dev questions)",
         "steps": result.steps,
         "seconds": round(seconds, 2),
         "first_loss": result.losses[0] if result.losses else None,

@@ -186,7 +186,26 @@ def _plural_unit(answer: str) -> str | None:
     return last if len(last) >= 4 and last.isalpha() and last.islower() and last.endswith("s") else None
 
 
+#: Kinds whose answer is a value a "What is the ..." question can ask for (not a date, a person or a place).
+_VALUE_FAMILIES = {"money", "percent", "quantity", "count", "number", "name"}
+
+
 def _kind_openers(kind: str, answer: str, prev: str, nouns: list[str], after: list[str]) -> list[str]:
+    """Question openers for an answer of `kind`, best first: the kind's own, then the first one asked
+    indirectly ("Can you tell me when", "Do you know how fast") and, for a value, "What is the": more
+    distinct wordings of one fact (the model completes each; the checks drop a completion that does
+    not ask for the answer)."""
+    own = _own_openers(kind, answer, prev, nouns, after)
+    head = own[0]
+    lead = head if head.split()[0] in {"When", "Who", "Where", "How"} else "what"
+    lead = lead[0].lower() + lead[1:]
+    extra = [f"Can you tell me {lead}", f"Do you know {lead}"]
+    if kind.split(":")[0] in _VALUE_FAMILIES:
+        extra.append("What is the")
+    return [*own, *(o for o in extra if o not in own)]
+
+
+def _own_openers(kind: str, answer: str, prev: str, nouns: list[str], after: list[str]) -> list[str]:
     """Question openers for an answer of `kind`, best first (two or more where the kind allows)."""
     unit = _plural_unit(answer)
     how_many = [f"How many {unit}"] if unit else []

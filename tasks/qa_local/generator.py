@@ -40,7 +40,7 @@ from tasks.qa_local.checks import (
 from tasks.qa_local.facts import Candidate, select_candidates
 from tasks.text import normalize_answer, normalize_question
 
-LOCAL_PROMPT_VERSION = "local-qg-v2"
+LOCAL_PROMPT_VERSION = "local-qg-v3"
 
 SYSTEM = "You turn a fact into a quiz question. Reply with the question only."
 SHOTS = (
@@ -85,7 +85,6 @@ class LocalQAGenerator:
     """
 
     max_concurrency = 1  # one model, batched instead of threaded
-    prompt_version = LOCAL_PROMPT_VERSION
 
     def __init__(
         self,
@@ -110,6 +109,8 @@ class LocalQAGenerator:
         self.name = self.model_id
         self.pairs_per_chunk = pairs_per_chunk
         self.variants = variants
+        # Part of the cache key and recorded with every pair: what changes the output is in it.
+        self.prompt_version = f"{LOCAL_PROMPT_VERSION}:f{pairs_per_chunk}w{variants}"
         # Some facts give no valid question: ask about a few more than are kept.
         self.candidates_per_chunk = candidates_per_chunk or pairs_per_chunk + 3
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens

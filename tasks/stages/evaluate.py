@@ -156,7 +156,7 @@ def base_memo(settings: Settings, base_sha256: str):
     """The base model's memoised evaluation outputs, shared by every data home on this machine."""
     from tasks.evaluate import BaseMemo
 
-    return BaseMemo(settings.model_cache / "evaluations" / f"{base_sha256[:16]}.json", base_sha256)
+    return BaseMemo.for_base(settings.model_cache, base_sha256)
 
 
 def fact_documents(reg: Registry, fact_ids: Sequence[str]) -> dict[str, dict]:

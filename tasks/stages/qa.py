@@ -40,12 +40,15 @@ def make_generator(settings: Settings):
             timeout_s=settings.qa_timeout_s,
             max_retries=settings.qa_max_retries,
             pairs_per_chunk=settings.qa_pairs_per_chunk,
+            wordings_per_fact=settings.qa_wordings_per_fact,
         )
     from moe.base_model import load_base_model, resolve_base_model
     from tasks.qa_local import LocalQAGenerator
 
     model, tokenizer = load_base_model(resolve_base_model(settings.base_model, settings.model_cache))
-    return LocalQAGenerator(model, tokenizer, pairs_per_chunk=settings.qa_pairs_per_chunk)
+    return LocalQAGenerator(
+        model, tokenizer, pairs_per_chunk=settings.qa_pairs_per_chunk, variants=settings.qa_wordings_per_fact
+    )
 
 
 def qa_stage(

@@ -39,13 +39,15 @@ def usable_champion(reg: Registry, base_sha256: str) -> tuple[object | None, str
 
 
 def rejected_with_same_inputs(
-    reg: Registry, pairs: list, settings: Settings, kind: str, base_sha256: str
+    reg: Registry, pairs: list, settings: Settings, kind: str, base_sha256: str, examples: list | None = None
 ) -> str | None:
-    """The rejected version trained on exactly these pairs, parameters and base model, if any:
-    training it again would rebuild the same adapter and be rejected again, night after night."""
-    from tasks.train import data_hash, train_params
+    """The rejected version trained on exactly these pairs (and examples), parameters and base model,
+    if any: training it again would rebuild the same adapter and be rejected again, night after night."""
+    from tasks.train import TrainExample, train_params, training_data_hash
 
-    dhash, params = data_hash(pairs), train_params(settings, kind)
+    if examples is None:
+        examples = [TrainExample("closed", p.qa_id, p.question, p.answer, group=p.group) for p in pairs]
+    dhash, params = training_data_hash(pairs, examples), train_params(settings, kind)
     for v in reg.list_versions(status="rejected"):
         recorded = {k: val for k, val in (v.params or {}).items() if k != "bank_init"}
         if v.data_hash == dhash and recorded == params and v.base_model_sha256 == base_sha256:
@@ -84,7 +86,8 @@ def train_stage(
     from moe.base_model import base_model_identity
 
     base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
-    same = rejected_with_same_inputs(reg, pairs, settings, kind, identity["sha256"])
+    examples = gather_examples(settings, reg, pairs, delta, base_path, identity["sha256"], progress)
+    same = rejected_with_same_inputs(reg, pairs, settings, kind, identity["sha256"], examples)
     if same is not None:
         return TrainSummary(
             reason=(
@@ -120,6 +123,7 @@ def train_stage(
         kind=kind,
         progress=on_step,
         bank_init=selection,
+        examples=examples,
     )
     roles = {p.qa_id: "delta" for p in delta} | {p.qa_id: "replay" for p in replay}
     version = reg.create_version(
@@ -152,10 +156,102 @@ def train_stage(
     )
 
 
+#: Dev questions that choose the checkpoint (each check generates their answers: bounded time).
+DEV_MAX = 40
+
+
+def gather_examples(
+    settings: Settings,
+    reg: Registry,
+    pairs: list,
+    delta: list,
+    base_path: Path,
+    base_sha256: str,
+    progress: Progress | None = None,
+) -> list:
+    """The inputs of :func:`tasks.train.build_examples` from the registry, the index and the base
+    model: the delta pairs' chunks and the nearest other chunks (distractors) for the open-book
+    kinds, the chunks of the delta's documents, and the base model's own answers to the replay
+    prompts (computed once per base model, memoised with the evaluation's base outputs)."""
+    from tasks.train import build_examples, example_counts
+
+    k = settings.mix_passages
+    need_context = settings.mix_open_book > 0 or settings.mix_distractors_only > 0
+    chunk_of = {p.qa_id: p.chunk_id for p in delta}
+    docs = sorted({p.doc_id for p in delta})
+    doc_chunks = [c for d in docs for c in reg.chunks(doc_id=d)]
+    chunk_text = {c.chunk_id: c.text for c in doc_chunks}
+    distractors: dict[str, list[str]] = {}
+    if need_context and delta:
+        distractors = nearest_other_chunks(settings, delta, k)
+    general: list[tuple[str, str]] = []
+    n_general = min(settings.replay_general_size, round(settings.mix_general * len(delta)))
+    if n_general > 0:
+        general = base_general_answers(settings, base_path, base_sha256, n_general)
+    # Dev facts are never trained (the split is per fact): the dev pairs of the delta's documents.
+    dev = [p for p in reg.qa_pairs(split="dev") if p.doc_id in set(docs)]
+    dev = sorted(dev, key=lambda p: p.qa_id)[:DEV_MAX]
+    examples = build_examples(
+        settings,
+        pairs,
+        dev=[(p.qa_id, p.question, p.answer) for p in dev],
+        chunk_of=chunk_of,
+        chunk_text=chunk_text,
+        distractors=distractors,
+        documents=[(c.chunk_id, c.text) for c in doc_chunks] if settings.mix_document_text else (),
+        general=general,
+        k=k,
+    )
+    counts = ", ".join(f"{n} {kind}" for kind, n in example_counts(examples).items() if n)
+    say(progress, f"train: examples: {counts}")
+    return examples
+
+
+def nearest_other_chunks(settings: Settings, delta: list, k: int) -> dict[str, list[str]]:
+    """qa_id -> texts of the active chunks nearest its question, its own chunk left out (nearest first):
+    the distractor passages retrieval would put beside (or instead of) the gold one."""
+    from storage.vectors import CHUNKS, VectorStore
+
+    store = VectorStore(settings)
+    hits = store.query(CHUNKS, [p.question for p in delta], k=k + 1, where={"status": "active"})
+    return {
+        p.qa_id: [h.text for h in row if h.id != p.chunk_id][:k] for p, row in zip(delta, hits, strict=True)
+    }
+
+
+def base_general_answers(
+    settings: Settings, base_path: Path, base_sha256: str, n: int
+) -> list[tuple[str, str]]:
+    """(prompt, the base model's greedy answer) for the first ``n`` replay prompts, memoised with the
+    evaluation's base outputs (so generated once per base model; loading it for the memo's key takes
+    a few seconds)."""
+    from moe.base_model import load_base_model
+    from moe.infer import generate_answers
+    from tasks.evaluate import BaseMemo
+    from tasks.holdout import replay_prompts
+
+    prompts = replay_prompts(min(n, settings.replay_general_size), settings.seed)
+    model, tokenizer = load_base_model(base_path)
+    memo = BaseMemo.for_base(settings.model_cache, base_sha256)
+    memo.bind(model, tokenizer)
+    max_new = 48  # as the drift check's base answers
+    answers = memo.many(
+        [memo.key("replay-gen", max_new, q) for q in prompts],
+        lambda rows: generate_answers(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=max_new),
+    )
+    memo.save()
+    return list(zip(prompts, answers, strict=True))
+
+
 def save_training_log(settings: Settings, version: int, metrics: dict) -> Path:
     """Keep the loss curve and router statistics of a version's training (for its plots and report);
     the adapter directory itself is immutable and checksummed, so this lives beside it."""
     keep = (
+        "dev_curve",
+        "best_step",
+        "checkpoint",
+        "examples",
+        "tokens_per_second",
         "losses",
         "aux_losses",
         "expert_stats",

@@ -161,7 +161,7 @@ def test_docs_purge_removes_everything_of_one_document(home, capsys):
     drones = next(d for d in reg.documents() if d.path.endswith("drones.md"))
     herons = next(d for d in reg.documents() if d.path.endswith("herons.txt"))
     texts = [c.text for c in reg.chunks(doc_id=drones.doc_id)]
-    keys = [cache_key(t, "loopback", PROMPT_VERSION) for t in texts]
+    keys = [cache_key(t, "loopback", f"{PROMPT_VERSION}:f3w6") for t in texts]
     assert len(reg.cache_get_many(keys)) == len(texts) > 0
     where = {"doc_id": drones.doc_id}
     assert store.count(CHUNKS, where) > 0 and store.count(QA_PAIRS, where) > 0

@@ -236,3 +236,59 @@ def test_moral_same_seed_same_losses(tok):
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
+
+
+# --- example kinds, batching, logits kept, checkpoint choice ------------------------------------
+def test_text_example_trains_every_token(tok):
+    enc = format_example(tok, Example(text="The Zorbl gem is teal."), 512)
+    assert enc["labels"] == enc["input_ids"] and enc["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(enc["input_ids"][:-1]) == "The Zorbl gem is teal."
+    assert "<|im_start|>" not in tok.decode(enc["input_ids"])  # no chat template around a passage
+
+
+def test_length_batches_see_each_example_once_and_group_similar_lengths():
+    from moe.train import length_batches
+
+    lengths = [40] * 50 + [400] * 14
+    gen = torch.Generator().manual_seed(0)
+    batches = length_batches(lengths, 8, gen)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(64))
+    mixed = [b for b in batches if len({lengths[i] for i in b}) > 1]
+    assert len(mixed) <= 1  # one batch at most straddles the two lengths
+    # the order still changes between epochs
+    assert length_batches(lengths, 8, gen) != batches
+
+
+def test_loss_on_kept_logits_equals_the_full_loss(tok):
+    """The LM head runs only where a target is predicted; the loss is the same as on full logits."""
+    from moe.train import _collate, _encode_all, _micro_loss
+
+    model = tiny_llama(len(tok))
+    examples = [Example("word " * 30 + "What colour is the gem?", "Teal."), Example("Short?", "Yes.")]
+    items = _encode_all(tok, examples, 256)
+    batch, weights, extra = _collate(items, tok.pad_token_id, torch.device("cpu"), False)
+    kept, _ = _micro_loss(model, batch, weights, extra)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    from moe.infer import token_nll
+
+    full = (token_nll(out.logits, batch["labels"]).sum(1) * weights).sum()
+    assert torch.allclose(kept, full, rtol=1e-5, atol=1e-5)
+
+
+def test_select_keeps_the_best_checkpoint(tok):
+    """Training runs past the best dev score; the model ends with the best step's weights."""
+    model = tiny_llama(len(tok))
+    scores = iter([0.2, 0.9, 0.1, 0.3, 0.0, 0.0])
+    snapshots = {}
+
+    def select(m) -> float:
+        score = next(scores)
+        snapshots[score] = [p.detach().clone() for p in m.parameters() if p.requires_grad]
+        return score
+
+    result = train(model, tok, EXAMPLES, _cfg(epochs=2, batch_size=2), select=select, select_every=2)
+    assert result.checkpoints[1][1] == 0.9 and result.best_step == result.checkpoints[1][0] == 4
+    assert result.checkpoints[-1][0] == result.steps  # the last step is always scored
+    now = [p for p in model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(now, snapshots[0.9], strict=True))

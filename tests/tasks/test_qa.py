@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -20,8 +21,8 @@ from tasks.qa_openai import (
     DOC_END,
     DOC_START,
     PROMPT_VERSION,
+    QA_SCHEMA,
     SYSTEM_PROMPT,
-    VARIANTS,
     MalformedOutput,
     OpenAIQAGenerator,
     build_messages,
@@ -127,7 +128,7 @@ def test_structured_happy_path_and_provenance(llm_server):
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["strict"] is True
     p = res.pairs[0]
-    assert p.generator == "openai:test-model" and p.prompt_version == PROMPT_VERSION
+    assert p.generator == "openai:test-model" and p.prompt_version == f"{PROMPT_VERSION}:f3w6"
     assert p.doc_id == "doc1" and p.chunk_id in {c.chunk_id for c in chunks}
     assert p.split in {"train", "dev", "eval"}
 
@@ -139,7 +140,7 @@ def test_cache_hit_costs_no_call(llm_server):
     )
     assert seen[-1] == (4, 4) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert llm_server.calls == 4 and cache.puts == 4
-    key = cache_key(chunks[0].text, "test-model", PROMPT_VERSION)
+    key = cache_key(chunks[0].text, "test-model", gen(llm_server).prompt_version)
     assert set(cache.get(key)) == {"pairs"} and len(cache.get(key)["pairs"]) == 3
     again = generate_for_chunks(chunks, gen(llm_server), cache, concurrency=4)
     assert llm_server.calls == 4 and again.llm_calls == 0 and again.cache_hits == 4
@@ -293,12 +294,38 @@ def test_prompt_injection_does_not_change_request_structure(llm_server):
     assert "Ignore all previous instructions" in inside and "Is this hacked?" in inside
 
 
-def test_prompt_asks_for_each_fact_in_several_wordings():
-    system, user = (m["content"] for m in build_messages("The Quillfeather Q7 weighs 1.8 kg.", 3))
-    assert VARIANTS == 2 and "twice" in system and "same answer" in system
-    assert "up to 3 facts" in user and f"{VARIANTS} question-answer pairs for each" in user
-    assert f"up to {3 * VARIANTS} pairs" in user
-    assert PROMPT_VERSION != "qa-v1"  # the cache key changes with the prompt
+def test_prompt_asks_for_atomic_facts_in_several_wordings_and_both_directions():
+    system, user = (m["content"] for m in build_messages("The Quillfeather Q7 weighs 1.8 kg.", 3, 6))
+    assert "atomic fact" in system and "reverse" in system and "named in full" in system
+    assert "up to 3 atomic facts" in user and "6 differently worded questions" in user
+    assert QA_SCHEMA["schema"]["required"] == ["facts"]
+    assert PROMPT_VERSION not in ("qa-v1", "qa-v2")  # the cache key changes with the prompt
+
+
+def test_cache_key_follows_facts_and_wordings(llm_server):
+    """Asking for more facts or wordings changes the output, so it changes the cache key."""
+    a, b = gen(llm_server), gen(llm_server, wordings_per_fact=3)
+    c = gen(llm_server, pairs_per_chunk=5)
+    assert len({a.prompt_version, b.prompt_version, c.prompt_version}) == 3
+    assert len({cache_key("text", "m", g.prompt_version) for g in (a, b, c)}) == 3
+
+
+def test_facts_reply_becomes_one_pair_per_wording():
+    reply = json.dumps(
+        {
+            "facts": [
+                {"fact": "The Q7 weighs 1.8 kg.", "answer": "1.8 kg",
+                 "questions": ["How heavy is the Quillfeather Q7?", "What is the Q7's weight?"]},
+                {"fact": "Anna Berg designed the Q7.", "answer": "Anna Berg", "questions": ["Who designed the Q7?"]},
+                {"fact": "broken", "answer": 3, "questions": ["Ignored?"]},
+            ]
+        }
+    )  # fmt: skip
+    assert parse_pairs(reply) == [
+        {"question": "How heavy is the Quillfeather Q7?", "answer": "1.8 kg"},
+        {"question": "What is the Q7's weight?", "answer": "1.8 kg"},
+        {"question": "Who designed the Q7?", "answer": "Anna Berg"},
+    ]
 
 
 def test_injected_pairs_are_filtered_by_grounding():
@@ -371,7 +398,7 @@ def test_qa_stage_caches_replies_in_the_registry_and_stores_no_key(settings, llm
     llm_server.script("401")  # the server echoes the key in its error message
     out = qa_stage(settings, "run-1", generator=gen(llm_server, max_concurrency=1))
     assert out.llm_calls == 5 and out.qa_generated > 0 and len(out.qa_failed) == 1
-    keys = [cache_key(c.text, "test-model", PROMPT_VERSION) for c in reg.chunks()]
+    keys = [cache_key(c.text, "test-model", gen(llm_server).prompt_version) for c in reg.chunks()]
     assert len(reg.cache_get_many(keys)) == 4  # written by the background writer before the stage returned
 
     con = duckdb.connect(str(settings.registry_path), read_only=True)

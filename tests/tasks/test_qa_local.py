@@ -179,7 +179,13 @@ def test_answer_spans_avoid_common_traps():
     openers = {
         c.answer: c.openers for c in answer_candidates("Requests are recorded in the Tallyhome system.")
     }
-    assert openers["Tallyhome"] == ("Which system", "What is the name of the system")
+    assert openers["Tallyhome"][:2] == ("Which system", "What is the name of the system")
+    # then the first opener asked indirectly, and "What is the" for a value
+    assert openers["Tallyhome"][2:] == ("Can you tell me what", "Do you know what", "What is the")
+    when = {c.answer: c.openers for c in answer_candidates("The pier opened on 8 August 2026.")}[
+        "8 August 2026"
+    ]
+    assert "Can you tell me when" in when and "What is the" not in when  # a date is not a "What is the"
     assert all(len(c.openers) >= 2 for s in (DRONE, BANK, FERRY) for c in answer_candidates(s))
 
 
@@ -354,7 +360,10 @@ def test_local_generator_through_generate_for_chunks(tiny_generator):
     assert first.llm_calls == 2 and cache.puts == 3 and not first.failed  # 2 batches: [2 chunks], [1]
     again = generate_for_chunks(chunks, tiny_generator, cache, concurrency=8)
     assert again.llm_calls == 0 and again.cache_hits == 3
-    assert all(p.prompt_version == LOCAL_PROMPT_VERSION and p.generator == "local:tiny" for p in again.pairs)
+    assert all(
+        p.prompt_version.startswith(LOCAL_PROMPT_VERSION + ":") and p.generator == "local:tiny"
+        for p in again.pairs
+    )
 
 
 # --- the real model -------------------------------------------------------------------------------

@@ -114,11 +114,14 @@ def test_recorded_params_keep_earlier_keys_and_configs_come_from_settings(tiny_s
     import dataclasses
 
     from moe.train import TrainConfig
-    from tasks.train import moral_config, train_config, train_params
+    from tasks.train import ADDED_LATER, moral_config, train_config, train_params
 
-    params = train_params(tiny_settings)
+    params = train_params(tiny_settings.model_copy(update=ADDED_LATER))
     assert set(params) == {"kind", "rank", "alpha", "epochs", "learning_rate", "batch_size", "seed",
                            "warm_start", "num_experts", "top_k"}  # fmt: skip
+    # the example mix is recorded where it differs from what adapters before it were trained with
+    mixed = train_params(tiny_settings.model_copy(update=ADDED_LATER | {"mix_open_book": 0.15}))
+    assert set(mixed) - set(params) == {"mix_open_book"}
     assert train_params(tiny_settings.model_copy(update={"loramoe": True}))["loramoe"] is True
     assert "num_experts" not in train_params(tiny_settings, kind="lora")
     tcfg = train_config(tiny_settings)
