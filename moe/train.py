@@ -250,8 +250,8 @@ def train(
 
     ``select(model) -> score`` (higher is better; e.g. dev recall) is called every ``select_every``
     optimizer steps and after the last; the trainable parameters of the best-scoring step are kept
-    (the earliest of equal scores) and restored at the end, so training can run past the best step
-    without losing it.
+    (the latest of equal scores: more training, same dev recall) and restored at the end, so training
+    can run past the best step without losing it.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -303,7 +303,7 @@ def train(
         score = float(select(model))  # type: ignore[misc]
         model.train()
         checkpoints.append((at, score))
-        if best["score"] is None or score > best["score"]:
+        if best["score"] is None or score >= best["score"]:  # a tie goes to the later step
             best.update(score=score, step=at, state=[p.detach().clone() for p in params])
 
     model.train()

@@ -148,7 +148,7 @@ class Settings(BaseSettings):
         "about can only be learned from it.",
     )
     mix_general: float = Field(
-        0.1,
+        0.5,
         ge=0,
         le=1,
         description="General prompts answered by the base model itself, per new train pair "

@@ -83,6 +83,17 @@ def render_plots(settings: Settings, version: int, dpi: int = 100) -> dict[str, 
         if aux and any(aux):
             ax.plot(range(1, len(aux) + 1), aux, label="router aux loss")
         ax.set(xlabel="optimizer step", ylabel="loss", title=f"v{version} training loss")
+        curve = log.get("dev_curve") or []
+        if curve:  # the checkpoint choice: dev strict recall at each scored step, the kept one marked
+            dev_ax = ax.twinx()
+            dev_ax.plot(
+                [s for s, _ in curve], [v for _, v in curve], "o-", color="tab:green", label="dev recall"
+            )
+            best = log.get("best_step")
+            dev_ax.plot([s for s, v in curve if s == best], [v for s, v in curve if s == best], "*",
+                        color="tab:red", markersize=14, label="kept")  # fmt: skip
+            dev_ax.set(ylabel="dev strict recall", ylim=(0, 1))
+            dev_ax.legend(loc="center right")
         ax.legend()
         fig.tight_layout()
         out["loss"] = png(fig)

@@ -41,6 +41,13 @@ def summary_text(s: dict) -> str:
         and not s.get("stopped_after")
     ):
         lines.append("  nothing new: no model loaded, no LLM call")
+    tm = (s.get("train") or {}).get("metrics") or {}
+    if tm.get("examples"):
+        kinds = ", ".join(f"{n} {k.replace('_', '-')}" for k, n in tm["examples"].items() if n)
+        lines.append(
+            f"  train: {kinds}; {tm.get('steps')} steps in {tm.get('seconds')} s "
+            f"({tm.get('tokens_per_second')} tokens/s); kept step {tm.get('best_step')}: {tm.get('checkpoint')}"
+        )
     if s.get("version"):
         lines.append(f"  version: {s['version']}")
     lines.append(f"  decision: {s['decision']}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cli.main import main
 from storage.registry import Registry
 from storage.settings import get_settings
@@ -46,3 +48,30 @@ def test_ask_with_an_unknown_version_is_a_clear_error(settings, monkeypatch, tin
     get_settings.cache_clear()
     assert main(["ask", "Q?", "--version", "v7"]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_ask_questions_file_scores_base_and_champion_side_by_side(
+    settings, monkeypatch, tiny_model_dir, tmp_path, capsys
+):
+    """`moral ask --questions` (the end of `make demo`): each hand-written question asked of both
+    models, scored by strict recall; with nothing trained both columns are the base model's."""
+    monkeypatch.setenv("MORAL_BASE_MODEL", str(tiny_model_dir))
+    get_settings.cache_clear()
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(
+        json.dumps({"question": "What colour is the Zorbl gem?", "answer": "Teal", "aliases": []})
+        + "\n"
+        + json.dumps({"question": "Who founded Quillfeather?", "answer": "Ada Voss"})
+        + "\n"
+    )
+    assert main(["ask", "--questions", str(qfile), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["champion"] is None and len(out["questions"]) == 2
+    for row in out["questions"]:
+        assert row["base"] == row["champion"]
+        assert isinstance(row["base_correct"], bool) and row["nearest_trained"] is None
+    assert main(["ask", "--questions", str(qfile)]) == 0
+    text = capsys.readouterr().out
+    assert "base model vs" in text and "right: base" in text
+    with pytest.raises(SystemExit, match="give a question"):
+        main(["ask"])

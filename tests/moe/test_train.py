@@ -292,3 +292,7 @@ def test_select_keeps_the_best_checkpoint(tok):
     assert result.checkpoints[-1][0] == result.steps  # the last step is always scored
     now = [p for p in model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(now, snapshots[0.9], strict=True))
+    # Equal scores (a dev set nothing answers yet): the last step is kept, not the least trained one.
+    flat = train(tiny_llama(len(tok)), tok, EXAMPLES, _cfg(epochs=2, batch_size=2), select=lambda m: 0.0,
+                 select_every=2)  # fmt: skip
+    assert flat.best_step == flat.steps
