@@ -83,7 +83,8 @@ def ask_fixed(path: str, as_json: bool) -> int:
     from tasks.splits import jaccard
 
     settings = get_settings()
-    items = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    with open(path, encoding="utf-8") as fh:
+        items = [json.loads(line) for line in fh if line.strip()]
     questions = [it["question"] for it in items]
     reg = Registry.from_settings(settings) if settings.registry_path.exists() else None
     version, label = None, "the champion"
@@ -112,19 +113,19 @@ def ask_fixed(path: str, as_json: bool) -> int:
             "nearest_trained": near, "nearest_jaccard": round(jaccard(it["question"], near), 2) if near else None,
         })  # fmt: skip
     if as_json:
-        _print_json({"champion": name, "questions": rows})
+        _print_json({"model": name, "model_is": label if name else "base model", "questions": rows})
         return 0
     mark = {True: "right", False: "wrong"}
     print(f"Closed-book, base model vs {label if name else 'base model (nothing trained yet)'} [{name}]:")
     for r in rows:
         print(f"\nQ: {r['question']}   (gold: {r['gold']})")
         print(f"  base:     {r['base']!r:60} {mark[r['base_correct']]}")
-        print(f"  champion: {r['champion']!r:60} {mark[r['champion_correct']]}")
+        print(f"  adapter:  {r['champion']!r:60} {mark[r['champion_correct']]}")
         if r["nearest_trained"]:
             print(f"  nearest trained question (word overlap {r['nearest_jaccard']}): {r['nearest_trained']}")
     print(
         f"\nright: base {sum(r['base_correct'] for r in rows)}/{len(rows)}, "
-        f"champion {sum(r['champion_correct'] for r in rows)}/{len(rows)}"
+        f"{name or 'base'} {sum(r['champion_correct'] for r in rows)}/{len(rows)}"
     )
     return 0
 

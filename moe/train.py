@@ -97,6 +97,7 @@ class TrainResult:
     #: (step, score) of every checkpoint scored by ``select``; the model ends at ``best_step``.
     checkpoints: list[tuple[int, float]] = field(default_factory=list)
     best_step: int | None = None
+    select_seconds: float = 0.0  # of `seconds`, spent scoring checkpoints (not training)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,9 +165,10 @@ def _accepts_sample_group(model) -> bool:
 
 def _keeps_logits(model) -> bool:
     """Whether the model's forward computes logits for chosen positions only (``logits_to_keep`` as
-    an index tensor: HF causal LMs, and MoRAL / peft models that pass keyword arguments down)."""
-    base = model
-    for _ in range(4):  # MoRAL -> base; peft -> LoraModel -> HF model
+    an index tensor): HF causal LMs, and MoRAL / peft models, which pass keyword arguments down to
+    theirs (peft's through ``get_base_model()``)."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # peft
+    for _ in range(3):  # MoRAL -> the HF model
         try:
             if "logits_to_keep" in inspect.signature(base.forward).parameters:
                 return True
@@ -299,9 +301,21 @@ def train(
     checkpoints: list[tuple[int, float]] = []
     best: dict = {"score": None, "step": None, "state": None}
 
+    select_seconds = [0.0]
+
     def checkpoint(at: int) -> None:
-        score = float(select(model))  # type: ignore[misc]
+        t0 = time.perf_counter()
+        track = getattr(model, "set_track_stats", None)
+        was = getattr(getattr(model, "_stats", None), "enabled", True)
+        if callable(track):
+            track(False)  # dev generation is not training: the router statistics leave it out
+        try:
+            score = float(select(model))  # type: ignore[misc]
+        finally:
+            if callable(track):
+                track(was)
         model.train()
+        select_seconds[0] += time.perf_counter() - t0
         checkpoints.append((at, score))
         if best["score"] is None or score >= best["score"]:  # a tie goes to the later step
             best.update(score=score, step=at, state=[p.detach().clone() for p in params])
@@ -374,6 +388,7 @@ def train(
         expert_stats=stats,
         checkpoints=checkpoints,
         best_step=best["step"],
+        select_seconds=select_seconds[0],
     )
 
 

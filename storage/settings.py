@@ -76,14 +76,15 @@ class Settings(BaseSettings):
         ge=1,
         le=20,
         description="Facts asked about per chunk; each is asked in qa_wordings_per_fact wordings, so a "
-        "chunk yields up to qa_pairs_per_chunk * qa_wordings_per_fact pairs.",
+        "chunk yields up to qa_pairs_per_chunk * qa_wordings_per_fact pairs (twice that with the openai "
+        "backend's reverse relations).",
     )
     qa_wordings_per_fact: int = Field(
         6,
         ge=1,
         le=12,
-        description="Distinct wordings each fact is asked in (other openers, both directions of a "
-        "relation, the subject named another way): one wording of a fact teaches it poorly; several, "
+        description="Distinct wordings each fact is asked in (other openers, the subject named another "
+        "way; the openai backend also asks a relation both ways, as two facts): one wording of a fact teaches it poorly; several, "
         "trained in different sequences, teach it to be recalled in words never trained.",
     )
     qa_concurrency: int = Field(8, ge=1, le=256, description="Concurrent LLM requests (openai backend).")

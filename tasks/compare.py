@@ -68,8 +68,12 @@ def compare_lora(
     base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
     if why := v.other_base(identity["sha256"]):
         raise ValueError(why)
-    say(f"compare: training plain LoRA on {v.name}'s {len(train)} pairs")
-    lora = train_candidate(settings, base_path, identity["sha256"], train, kind="lora")
+    from tasks.stages.train import gather_examples
+
+    delta = [p for p in pairs if roles[p.qa_id] == "delta"]
+    examples = gather_examples(settings, reg, train, delta, base_path, identity["sha256"], progress)
+    say(f"compare: training plain LoRA on {v.name}'s {len(train)} pairs and the same example mix")
+    lora = train_candidate(settings, base_path, identity["sha256"], train, kind="lora", examples=examples)
     suites = build_suites(settings, reg, v.version)
     say(
         "compare: evaluating base, MoRAL and LoRA on "

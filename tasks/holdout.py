@@ -93,17 +93,23 @@ def replay_prompts(size: int, seed: int = 0) -> list[str]:
     """``size`` fixed general prompts for self-distillation replay (the base model's own answers are
     trained beside the new knowledge): the shipped replay instructions first (up to half), then
     FanOutQA questions from the middle of the holdout's shuffle, so they are neither holdout questions
-    (its front) nor drift prompts (its back) for any holdout and drift size below half the data."""
+    (its front) nor drift prompts (its back) — compared normalised — for any holdout and drift size
+    up to ``REPLAY_GUARD`` (the settings' maximum)."""
     if size <= 0:
         return []
     general = general_prompts(REPLAY_FILE)[: (size + 1) // 2]
     pairs = _shuffled(seed)
     # FanOutQA repeats a question text under several ids: a text the holdout or drift could take at
     # their largest allowed sizes is never replayed.
-    measured = {p.question for p in pairs[:REPLAY_GUARD]} | {p.question for p in pairs[-REPLAY_GUARD:]}
+    from tasks.text import normalize_question
+
+    ends = pairs[:REPLAY_GUARD] + pairs[-REPLAY_GUARD:]
+    measured = {normalize_question(p.question) for p in ends}
     middle = pairs[REPLAY_GUARD:-REPLAY_GUARD]
     start = len(middle) // 4
-    picked = [
-        p.question for p in dict.fromkeys(middle[start:] + middle[:start]) if p.question not in measured
-    ]
-    return general + list(dict.fromkeys(picked))[: size - len(general)]
+    picked: dict[str, str] = {}  # normalised -> as written: one of each, none the holdout or drift may ask
+    for p in middle[start:] + middle[:start]:
+        key = normalize_question(p.question)
+        if key not in measured:
+            picked.setdefault(key, p.question)
+    return general + list(picked.values())[: size - len(general)]

@@ -262,6 +262,8 @@ class OpenAIQAGenerator:
         """One chunk; retries transient failures, falls back from structured output when refused."""
         oa = self._openai
         messages = build_messages(text, self.pairs_per_chunk, self.wordings_per_fact)
+        # facts and their reverses, each with its wordings: the reply grows with both
+        max_tokens = max(self.max_output_tokens, 40 * 2 * self.pairs_per_chunk * self.wordings_per_fact)
         out = GenerationResult([])
         structured, attempt, malformed_left = self.structured, 0, self.malformed_retries
         while True:
@@ -273,7 +275,7 @@ class OpenAIQAGenerator:
                 "model": self.model,
                 "messages": messages,
                 "temperature": self.temperature,
-                "max_tokens": self.max_output_tokens,
+                "max_tokens": max_tokens,
             }
             if structured:
                 kwargs["response_format"] = {"type": "json_schema", "json_schema": QA_SCHEMA}
@@ -319,7 +321,7 @@ class OpenAIQAGenerator:
                     budget.add_tokens(t_in + t_out)
                 try:
                     content = resp.choices[0].message.content or ""
-                    out.pairs = parse_pairs(content)
+                    out.pairs = parse_pairs(content)[: 2 * self.pairs_per_chunk * self.wordings_per_fact]
                     return out
                 except (MalformedOutput, IndexError, AttributeError) as exc:
                     content_error = f"malformed output: {exc}"

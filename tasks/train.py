@@ -70,8 +70,9 @@ def data_hash(pairs: Sequence[TrainPair]) -> str:
 
 
 def examples_hash(examples: Sequence[TrainExample]) -> str | None:
-    """Hash of the examples beyond the closed-book pairs (None when there are none: the pairs' own
-    hash then stands alone, as it did before other kinds existed)."""
+    """Hash of the examples beyond the closed-book pairs, dev ones included (they choose the
+    checkpoint); None when there are none: the pairs' own hash then stands alone, as it did before
+    other kinds existed."""
     rest = [e for e in examples if e.kind != "closed"]
     if not rest:
         return None
@@ -193,7 +194,7 @@ def train_config(settings: Settings):
         learning_rate=settings.learning_rate,
         batch_size=settings.batch_size,
         seed=settings.seed,
-        max_length=768,  # an open-book example: three passages, the question and the answer
+        max_length=768,  # an open-book example: mix_passages passages, the question and the answer
     )
 
 
@@ -260,11 +261,12 @@ def train_candidate(
     warm = parent_dir is not None and settings.warm_start
     if bank_init is not None and (kind != "moral" or warm):
         raise ValueError("bank initialisation applies to a fresh MoRAL adapter, not to LoRA or a warm start")
+    if examples is None:  # the pairs closed-book only: the example mix was not applied, nor recorded
+        examples = [TrainExample("closed", p.qa_id, p.question, p.answer, group=p.group) for p in pairs]
+        settings = settings.model_copy(update=ADDED_LATER)
     params = train_params(settings, kind)
     if bank_init is not None:
         params["bank_init"] = bank_init.key()  # expert -> bank entry; a different choice, other weights
-    if examples is None:
-        examples = [TrainExample("closed", p.qa_id, p.question, p.answer, group=p.group) for p in pairs]
     dhash = training_data_hash(pairs, examples)
     parent_key = parent_dir.name if warm else None
     key = artifact_key(dhash, params, base_sha256, parent_key)
@@ -329,7 +331,9 @@ def train_candidate(
         "examples": example_counts(examples),
         "tokens": result.tokens,
         "padded_tokens": result.padded_tokens,
-        "tokens_per_second": round(result.tokens / max(seconds, 1e-9), 1),
+        # trained tokens per second of training (checkpoint scoring left out; it is `select_seconds`)
+        "tokens_per_second": round(result.tokens / max(result.seconds - result.select_seconds, 1e-9), 1),
+        "select_seconds": round(result.select_seconds, 1),
         # Checkpoint choice on dev (strict recall): the curve and the step kept; without dev pairs
         # the last step is kept and the log says so.
         "dev_curve": [[s, round(v, 4)] for s, v in result.checkpoints],

@@ -39,18 +39,19 @@ def usable_champion(reg: Registry, base_sha256: str) -> tuple[object | None, str
 
 
 def rejected_with_same_inputs(
-    reg: Registry, pairs: list, settings: Settings, kind: str, base_sha256: str, examples: list | None = None
+    reg: Registry, pairs: list, settings: Settings, kind: str, base_sha256: str
 ) -> str | None:
-    """The rejected version trained on exactly these pairs (and examples), parameters and base model,
-    if any: training it again would rebuild the same adapter and be rejected again, night after night."""
-    from tasks.train import TrainExample, train_params, training_data_hash
+    """The rejected version trained on exactly these pairs, parameters and base model, if any:
+    training it again would rebuild the same adapter and be rejected again, night after night.
+    Checked before any model is loaded: by the pairs' hash (recorded as ``pairs_hash``; a version
+    from before it was recorded: its data hash, which then was the pairs' hash)."""
+    from tasks.train import data_hash, train_params
 
-    if examples is None:
-        examples = [TrainExample("closed", p.qa_id, p.question, p.answer, group=p.group) for p in pairs]
-    dhash, params = training_data_hash(pairs, examples), train_params(settings, kind)
+    dhash, params = data_hash(pairs), train_params(settings, kind)
     for v in reg.list_versions(status="rejected"):
-        recorded = {k: val for k, val in (v.params or {}).items() if k != "bank_init"}
-        if v.data_hash == dhash and recorded == params and v.base_model_sha256 == base_sha256:
+        recorded = {k: val for k, val in (v.params or {}).items() if k not in ("bank_init", "pairs_hash")}
+        same_pairs = (v.params or {}).get("pairs_hash", v.data_hash) == dhash
+        if same_pairs and recorded == params and v.base_model_sha256 == base_sha256:
             return v.name
     return None
 
@@ -61,7 +62,7 @@ def train_stage(
     """Train a candidate on the train pairs no shipped version has learned (plus replay), and register it."""
     from tasks.bank import bank_for_delta, record_selection
     from tasks.replay import replay_for_delta
-    from tasks.train import TrainPair, train_candidate
+    from tasks.train import TrainPair, data_hash, train_candidate
 
     reg = Registry.from_settings(settings)
     pending = reg.list_versions(status="candidate")
@@ -86,8 +87,7 @@ def train_stage(
     from moe.base_model import base_model_identity
 
     base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
-    examples = gather_examples(settings, reg, pairs, delta, base_path, identity["sha256"], progress)
-    same = rejected_with_same_inputs(reg, pairs, settings, kind, identity["sha256"], examples)
+    same = rejected_with_same_inputs(reg, pairs, settings, kind, identity["sha256"])
     if same is not None:
         return TrainSummary(
             reason=(
@@ -95,6 +95,7 @@ def train_stage(
                 f"new to try (add documents, change a parameter, or `moral promote {same} --force`)"
             )
         )
+    examples = gather_examples(settings, reg, pairs, delta, base_path, identity["sha256"], progress)
     champion, _why = usable_champion(reg, identity["sha256"])
     warm = settings.warm_start and champion is not None and bool(champion.artifact_uri)
     selection, bank_reason = bank_for_delta(settings, reg, delta, base_path, identity["sha256"], warm, kind)
@@ -131,7 +132,7 @@ def train_stage(
         base_model=identity.get("name") or str(base_path),
         base_model_sha256=identity["sha256"],
         data_hash=outcome.data_hash,
-        params=outcome.params,
+        params=outcome.params | {"pairs_hash": data_hash(pairs)},
         parent_version=champion.version if champion is not None else None,
         kind=kind,  # type: ignore[arg-type]
         artifact_uri=str(outcome.artifact_dir),
@@ -234,13 +235,29 @@ def base_general_answers(
     model, tokenizer = load_base_model(base_path)
     memo = BaseMemo.for_base(settings.model_cache, base_sha256)
     memo.bind(model, tokenizer)
-    max_new = 48  # as the drift check's base answers
+    max_new = 96
     answers = memo.many(
         [memo.key("replay-gen", max_new, q) for q in prompts],
         lambda rows: generate_answers(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=max_new),
     )
     memo.save()
-    return list(zip(prompts, answers, strict=True))
+    # Trained with an end-of-turn after it, a cut-off answer would teach stopping mid-sentence: an
+    # answer is kept up to its last complete sentence, or left out.
+    out = []
+    for q, a in zip(prompts, answers, strict=True):
+        whole = complete_sentences(a)
+        if whole:
+            out.append((q, whole))
+    return out
+
+
+def complete_sentences(text: str) -> str:
+    """``text`` up to its last sentence end (``.``, ``!``, ``?``, possibly closed by a quote or a
+    bracket); "" when it has none."""
+    import re
+
+    ends = [m.end() for m in re.finditer(r"[.!?][\"')\]]*(?=\s|$)", text)]
+    return text[: ends[-1]].strip() if ends else ""
 
 
 def save_training_log(settings: Settings, version: int, metrics: dict) -> Path:

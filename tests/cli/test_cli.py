@@ -66,7 +66,7 @@ def test_ask_questions_file_scores_base_and_champion_side_by_side(
     )
     assert main(["ask", "--questions", str(qfile), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["champion"] is None and len(out["questions"]) == 2
+    assert out["model"] is None and len(out["questions"]) == 2
     for row in out["questions"]:
         assert row["base"] == row["champion"]
         assert isinstance(row["base_correct"], bool) and row["nearest_trained"] is None

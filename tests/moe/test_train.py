@@ -296,3 +296,12 @@ def test_select_keeps_the_best_checkpoint(tok):
     flat = train(tiny_llama(len(tok)), tok, EXAMPLES, _cfg(epochs=2, batch_size=2), select=lambda m: 0.0,
                  select_every=2)  # fmt: skip
     assert flat.best_step == flat.steps
+
+
+def test_kept_logits_reach_the_hf_model_through_moral_and_peft(tok):
+    from moe import MoRALConfig, MoRALModel
+    from moe.train import _keeps_logits
+
+    assert _keeps_logits(tiny_llama(len(tok)))
+    assert _keeps_logits(MoRALModel(tiny_llama(len(tok)), MoRALConfig(num_experts=2, top_k=1, rank=2)))
+    assert _keeps_logits(make_lora_model(tiny_llama(len(tok)), rank=2))
