@@ -190,7 +190,8 @@ def gather_examples(
     if n_general > 0:
         general = base_general_answers(settings, base_path, base_sha256, n_general)
     # Dev facts are never trained (the split is per fact): the dev pairs of the delta's documents.
-    dev = [p for p in reg.qa_pairs(split="dev") if p.doc_id in set(docs)]
+    wanted = set(docs)
+    dev = [p for p in reg.qa_pairs(split="dev") if p.doc_id in wanted]
     dev = sorted(dev, key=lambda p: p.qa_id)[:DEV_MAX]
     examples = build_examples(
         settings,

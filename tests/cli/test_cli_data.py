@@ -14,7 +14,7 @@ from storage.registry import Registry
 from storage.settings import Settings
 from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
 from tasks.qa import cache_key
-from tasks.qa_openai import PROMPT_VERSION, OpenAIQAGenerator
+from tasks.qa_openai import OpenAIQAGenerator
 from tasks.stages.index import index_stage
 from tasks.stages.ingest import ingest_stage
 from tasks.stages.qa import qa_stage
@@ -161,7 +161,9 @@ def test_docs_purge_removes_everything_of_one_document(home, capsys):
     drones = next(d for d in reg.documents() if d.path.endswith("drones.md"))
     herons = next(d for d in reg.documents() if d.path.endswith("herons.txt"))
     texts = [c.text for c in reg.chunks(doc_id=drones.doc_id)]
-    keys = [cache_key(t, "loopback", f"{PROMPT_VERSION}:f3w6") for t in texts]
+    keys = [
+        cache_key(t, "loopback", OpenAIQAGenerator("http://x", "k", "loopback").prompt_version) for t in texts
+    ]
     assert len(reg.cache_get_many(keys)) == len(texts) > 0
     where = {"doc_id": drones.doc_id}
     assert store.count(CHUNKS, where) > 0 and store.count(QA_PAIRS, where) > 0
