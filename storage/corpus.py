@@ -403,22 +403,28 @@ class CorpusMixin(Database):
             QAPair, f"SELECT * FROM qa_pairs {where(clauses)} ORDER BY created_at, qa_id", params
         )
 
-    def hold_out_paraphrases(self, qa_ids: Sequence[str], run_id: str | None = None) -> int:
-        """Move these never-trained ``train`` pairs to ``eval`` (paraphrase questions of trained facts:
-        see ``tasks.splits``); a pair that some version was trained on is never moved."""
+    def hold_out_paraphrases(
+        self, qa_ids: Sequence[str], run_id: str | None = None, split: str = "eval"
+    ) -> int:
+        """Move these never-trained ``train`` pairs to ``split``: ``eval`` (paraphrase questions of
+        trained facts) or ``dev`` (held-out wordings that choose the checkpoint), see
+        ``tasks.splits``; a pair that some version was trained on is never moved."""
+        if split not in {"eval", "dev"}:
+            raise ValueError(f"held-out split must be 'eval' or 'dev', got {split!r}")
         if not qa_ids:
             return 0
         with self.transaction() as con:
             moved = [
                 r[0]
                 for r in con.execute(
-                    "UPDATE qa_pairs SET split = 'eval' WHERE list_contains(?::VARCHAR[], qa_id) AND split = 'train' "
+                    "UPDATE qa_pairs SET split = ? WHERE list_contains(?::VARCHAR[], qa_id) AND split = 'train' "
                     "AND qa_id NOT IN (SELECT qa_id FROM version_pairs) RETURNING qa_id",
-                    [list(qa_ids)],
+                    [split, list(qa_ids)],
                 ).fetchall()
             ]
             if moved:
-                event(con, "qa.held_out", run_id=run_id, detail={"count": len(moved), "kind": "paraphrase"})
+                kind = "paraphrase" if split == "eval" else "dev"
+                event(con, "qa.held_out", run_id=run_id, detail={"count": len(moved), "kind": kind})
             return len(moved)
 
     def mark_duplicates(self, pairs: Iterable[tuple[str, str]], run_id: str | None = None) -> int:

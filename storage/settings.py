@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     )
     qa_model: str | None = Field(None, description="Model name for the openai backend.")
     qa_pairs_per_chunk: int = Field(
-        3,
+        5,
         ge=1,
         le=20,
         description="Facts asked about per chunk; each is asked in qa_wordings_per_fact wordings, so a "
@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     rank: int = Field(8, ge=1, description="LoRA rank of each expert.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / rank).")
     epochs: int = Field(
-        4,
+        3,
         ge=1,
         description="Training epochs over the run's examples (each fact is already asked in several "
         "wordings: distinct examples teach more than repeated passes).",

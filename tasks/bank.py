@@ -245,7 +245,8 @@ class BankSelection:
 def dev_examples(reg: Registry, delta: list, k: int, seed: int) -> list:
     """Up to ``k`` active ``dev`` pairs of the delta's documents (never ``eval``), in a seeded order.
 
-    A small delta often has no ``dev`` pair at all (the split keeps about a tenth): its own
+    A small delta often has no ``dev`` pair at all (a quarter of the facts with three or more
+    wordings give one, ``tasks.splits.choose_dev``): its own
     ``train`` pairs then stand in. They passed generation's validation and are trained on anyway;
     the held-out ``eval`` pairs, which measure the result, are never used.
     """

@@ -155,8 +155,9 @@ def build_examples(
     * with ``mix_document_text``, ``documents`` — (chunk_id, text) of the new documents' chunks — as text;
     * ``mix_general`` × the new pairs of ``general`` — (prompt, the base model's own answer) — as
       retained knowledge (group 1);
-    * ``dev`` — (qa_id, question, answer) of dev pairs, facts never trained nor evaluated — as
-      ``dev`` examples: not trained, they choose the checkpoint (strict recall, closed-book).
+    * ``dev`` — (qa_id, question, answer) of dev pairs, held-out wordings of trained facts that
+      share no fact with eval — as ``dev`` examples: not trained, they choose the checkpoint
+      (strict recall, closed-book).
     """
     chunk_of, chunk_text, distractors = chunk_of or {}, chunk_text or {}, distractors or {}
     out = [TrainExample("closed", p.qa_id, p.question, p.answer, group=p.group) for p in pairs]

@@ -20,25 +20,27 @@ class IndexSummary:
     retired_vectors: int = 0
     restored_vectors: int = 0
     qa_held_out: int = 0  # new train-fact wordings held out as paraphrase eval questions
+    qa_dev: int = 0  # new train-fact wordings held out as dev (checkpoint choice)
     qa_rekeyed: int = 0  # indexed pairs re-keyed under the current answer normalisation
 
 
 def hold_out_paraphrases(
     reg: Registry, store, new: Sequence, known: Sequence, run_id: str
-) -> tuple[list, int]:
-    """The new pairs, with one far wording of each train fact moved to ``eval`` (``tasks.splits``),
+) -> tuple[list, int, int]:
+    """The new pairs, with one far wording of some train facts moved to ``eval`` (paraphrase
+    questions) and one wording of a share of the others moved to ``dev`` (``tasks.splits``),
     compared with the fact's other new wordings and with its wordings already stored as train; and
-    how many were moved."""
+    how many were moved to each."""
     from dataclasses import replace
 
-    from tasks.splits import choose_paraphrases, normalised_rows
+    from tasks.splits import choose_dev, choose_paraphrases, normalised_rows
 
     facts: dict[str, list[int]] = {}
     for i, p in enumerate(new):
         if p.split == "train":
             facts.setdefault(p.fact_id, []).append(i)
     if not facts:
-        return list(new), 0
+        return list(new), 0, 0
     new_ids = {p.qa_id for p in new}
     old = [p for p in known if p.fact_id in facts and p.split == "train" and p.qa_id not in new_ids]
     emb = normalised_rows(store.embedder.encode([p.question for p in new] + [p.question for p in old]))
@@ -46,14 +48,29 @@ def hold_out_paraphrases(
     for j, p in enumerate(old):
         old_rows.setdefault(p.fact_id, []).append(len(new) + j)
     trained = {f: ([old[r - len(new)].question for r in rows], emb[rows]) for f, rows in old_rows.items()}
-    chosen = choose_paraphrases(facts, [p.question for p in new], emb[: len(new)], trained)
-    if reg.hold_out_paraphrases([new[i].qa_id for i in chosen], run_id=run_id) != len(chosen):
-        held = {p.qa_id for p in reg.qa_pairs(split="eval", ids=[new[i].qa_id for i in chosen])}
-        chosen = [i for i in chosen if new[i].qa_id in held]  # a pair some version trained on stays
+    questions = [p.question for p in new]
+    # A fact with a dev wording never gets a paraphrase question, and the other way round.
+    held = {p.fact_id: p.split for p in known if p.fact_id in facts and p.split in {"dev", "eval"}}
+    para_facts = {f: rows for f, rows in facts.items() if held.get(f) != "dev"}
+    chosen = _move(
+        reg, new, choose_paraphrases(para_facts, questions, emb[: len(new)], trained), run_id, "eval"
+    )
+    skip = set(held) | {new[i].fact_id for i in chosen}
+    dev = _move(reg, new, choose_dev(facts, questions, emb[: len(new)], skip=skip), run_id, "dev")
     out = list(new)
-    for i in chosen:
-        out[i] = replace(new[i], split="eval")
-    return out, len(chosen)
+    for rows, split in ((chosen, "eval"), (dev, "dev")):
+        for i in rows:
+            out[i] = replace(new[i], split=split)
+    return out, len(chosen), len(dev)
+
+
+def _move(reg: Registry, new: Sequence, rows: list[int], run_id: str, split: str) -> list[int]:
+    """The rows the registry moved to ``split`` (a pair some version trained on stays)."""
+    ids = [new[i].qa_id for i in rows]
+    if reg.hold_out_paraphrases(ids, run_id=run_id, split=split) != len(rows):
+        moved = {p.qa_id for p in reg.qa_pairs(split=split, ids=ids)}
+        rows = [i for i in rows if new[i].qa_id in moved]
+    return rows
 
 
 def index_stage(settings: Settings, run_id: str, progress: Progress | None = None) -> IndexSummary:
@@ -87,7 +104,9 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         out.qa_duplicates = len(result.duplicates)
         keep = {p.qa_id for p in result.kept}
         rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
-        kept, out.qa_held_out = hold_out_paraphrases(reg, store, [new_pairs[i] for i in rows], pairs, run_id)
+        kept, out.qa_held_out, out.qa_dev = hold_out_paraphrases(
+            reg, store, [new_pairs[i] for i in rows], pairs, run_id
+        )
         out.qa_indexed = index_qa(store, kept, embeddings[rows], run_id)
     if new_chunks:
         say(progress, f"index: embedding {len(new_chunks)} new chunks")

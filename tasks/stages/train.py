@@ -189,7 +189,7 @@ def gather_examples(
     n_general = min(settings.replay_general_size, round(settings.mix_general * len(delta)))
     if n_general > 0:
         general = base_general_answers(settings, base_path, base_sha256, n_general)
-    # Dev facts are never trained (the split is per fact): the dev pairs of the delta's documents.
+    # Dev: held-out wordings of trained facts (tasks.splits.choose_dev) of the delta's documents.
     wanted = set(docs)
     dev = [p for p in reg.qa_pairs(split="dev") if p.doc_id in wanted]
     dev = sorted(dev, key=lambda p: p.qa_id)[:DEV_MAX]

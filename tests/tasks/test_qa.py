@@ -130,7 +130,7 @@ def test_structured_happy_path_and_provenance(llm_server):
     p = res.pairs[0]
     assert p.generator == "openai:test-model" and p.prompt_version == f"{PROMPT_VERSION}:f3w6"
     assert p.doc_id == "doc1" and p.chunk_id in {c.chunk_id for c in chunks}
-    assert p.split in {"train", "dev", "eval"}
+    assert p.split in {"train", "eval"}  # whole facts are never dev (tasks.splits)
 
 
 def test_cache_hit_costs_no_call(llm_server):
