@@ -304,6 +304,35 @@ def _name_tokens(m: re.Match[str]) -> tuple[list[tuple[int, int, str]], bool]:
     return toks, titled
 
 
+#: Verbs by which a sentence's subject holds "<a noun phrase> of <value>" ("carries a maximum payload
+#: of 2.4 kg"), unlike an action on something else ("released the Q7 at a price of $1,299").
+_HOLD_VERBS = {
+    "has", "have", "had", "carries", "offers", "reaches", "provides", "holds", "keeps", "supports",
+    "features", "includes", "gives", "with",
+}  # fmt: skip
+
+
+def _held_by_subject(before: list[str], np_: str) -> bool:
+    """Whether the words before '<np_> of <answer>' end in a holding verb and an article."""
+    rest = [_bare(w) for w in before[: len(before) - 1 - len(np_.split())]]
+    if rest and rest[-1] in {"a", "an", "the"}:
+        rest = rest[:-1]
+    return bool(rest) and rest[-1] in _HOLD_VERBS
+
+
+def _leading_name(sentence: str) -> str | None:
+    """The named subject a sentence opens with, as a question names it: 'The Quillfeather Q7 weighs
+    ...' -> 'the Quillfeather Q7', 'Lumenvale Orbit 5.2 keeps ...' -> 'Lumenvale Orbit 5.2'; None when
+    the sentence does not open with a name followed by a lower-case word (a verb)."""
+    m = re.match(r"(The\s+)?((?:[A-Z][\w'’-]*\s+)(?:[A-Z0-9][\w.'’-]*\s+){0,3})(?=[a-z])", sentence)
+    if not m:
+        return None
+    name = m.group(2).strip().rstrip(".")
+    if name.split()[0].lower() in _NOT_NAMES | _PRONOUN_DETS | {"it", "this", "these", "those"}:
+        return None
+    return f"the {name}" if m.group(1) else name
+
+
 def answer_candidates(sentence: str) -> list[Candidate]:
     """Answer spans of one sentence with the question openers each suggests, best first."""
     found: list[Candidate] = []
@@ -355,6 +384,9 @@ def answer_candidates(sentence: str) -> list[Candidate]:
                 openers.insert(
                     0, f"What is the {np_}"
                 )  # "payload of 2.4 kg" -> "What is the maximum payload"
+                named = _leading_name(sentence) if _held_by_subject(before, np_) else None
+                if named and not template:  # the model tends to write the answer into this one
+                    template = f"What is the {np_} of {named}?"
             if head and not template and family in {"money", "percent", "quantity", "date", "name"}:
                 openers.insert(0, f"What is the {head}")  # "its maximum service ceiling is ..."
             openers = list(dict.fromkeys(openers))

@@ -40,7 +40,8 @@ from tasks.qa_local.checks import (
 from tasks.qa_local.facts import Candidate, select_candidates
 from tasks.text import normalize_answer, normalize_question
 
-LOCAL_PROMPT_VERSION = "local-qg-v3"
+# v4: "<named subject> carries a <noun phrase> of <value>" gets a rule-only question.
+LOCAL_PROMPT_VERSION = "local-qg-v4"
 
 SYSTEM = "You turn a fact into a quiz question. Reply with the question only."
 SHOTS = (

@@ -148,6 +148,10 @@ def test_clean_question():
         ("Core hours and meetings Core collaboration hours are 10:00 to 15:00 on weekdays.", "10:00 to 15:00",
          "What are the core collaboration hours?"),
         ("The Quillfeather Q7 weighs 1.8 kg.", "1.8 kg", None),  # no "is <answer>": the model words it
+        # "<named subject> ... <noun phrase> of <answer>": the model wrote "... of a 2.4 kg quillfeather?"
+        ("The Quillfeather Q7 weighs 1.8 kg and carries a maximum payload of 2.4 kg.", "2.4 kg",
+         "What is the maximum payload of the Quillfeather Q7?"),
+        ("The harbour charges a mooring fee of 12 euros.", "12 euros", None),  # no name to ask about
         ("Its maximum service ceiling is 4,500 metres.", "4,500 metres", None),  # no subject to name
         ("A camera of the Quillfeather Q7 is the Auk-48.", "Auk-48", None),  # not the clause's subject
     ],
@@ -334,14 +338,16 @@ def test_generate_many_asks_each_fact_in_several_wordings(tiny_generator, monkey
         "1.8 kg": ["How much does the Quillfeather Q7 weigh?", "How much does the Q7 weigh?"],
         "March 2024": ["When did Harbor Labs release the Q7?", "In which month was the Q7 released?"],
     }  # Harbor Labs: "Who is the Harbor Labs drone?" contains its answer
-    # All variants of the chunk went to the model in one call: two rows per fact (no templates here).
-    assert res.calls == 1 and len(seen) == 2 * len(cands)
+    # All variants of the chunk went to the model in one call: two rows per fact, one fewer for the
+    # payload, whose first wording is a rule-only template.
+    assert res.calls == 1 and len(seen) == 2 * len(cands) - 1
     monkeypatch.setattr(g, "pairs_per_chunk", 2)
     assert [p["answer"] for p in g.generate_many([DRONE])[0].pairs] == ["2.4 kg"] * 2 + ["$1,299"] * 2
     monkeypatch.setattr(g, "variants", 1)
     seen.clear()
     one = g.generate_many([DRONE])[0]
-    assert [p["answer"] for p in one.pairs] == ["2.4 kg", "$1,299"] and len(seen) == len(cands)
+    # one wording per fact: the payload's template needs no model call
+    assert [p["answer"] for p in one.pairs] == ["2.4 kg", "$1,299"] and len(seen) == len(cands) - 1
 
 
 def test_generate_many_books_one_call_per_batch_and_honours_the_cap(tiny_generator):
