@@ -403,9 +403,7 @@ class CorpusMixin(Database):
             QAPair, f"SELECT * FROM qa_pairs {where(clauses)} ORDER BY created_at, qa_id", params
         )
 
-    def hold_out_paraphrases(
-        self, qa_ids: Sequence[str], run_id: str | None = None, split: str = "eval"
-    ) -> int:
+    def hold_out(self, qa_ids: Sequence[str], split: str, run_id: str | None = None) -> int:
         """Move these never-trained ``train`` pairs to ``split``: ``eval`` (paraphrase questions of
         trained facts) or ``dev`` (held-out wordings that choose the checkpoint), see
         ``tasks.splits``; a pair that some version was trained on is never moved."""

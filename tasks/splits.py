@@ -25,7 +25,7 @@ later refresh that trains a close wording of an eval question drops that questio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def choose_dev(
     questions: Sequence[str],
     emb: np.ndarray,
     *,
-    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    skip: Collection[str] = (),
     frac: float = DEV_FRAC,
 ) -> list[int]:
     """Rows to hold out as ``dev``: for the ``frac`` share of facts (by hash, not in ``skip``: facts

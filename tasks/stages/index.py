@@ -24,7 +24,7 @@ class IndexSummary:
     qa_rekeyed: int = 0  # indexed pairs re-keyed under the current answer normalisation
 
 
-def hold_out_paraphrases(
+def hold_out_wordings(
     reg: Registry, store, new: Sequence, known: Sequence, run_id: str
 ) -> tuple[list, int, int]:
     """The new pairs, with one far wording of some train facts moved to ``eval`` (paraphrase
@@ -50,12 +50,13 @@ def hold_out_paraphrases(
     trained = {f: ([old[r - len(new)].question for r in rows], emb[rows]) for f, rows in old_rows.items()}
     questions = [p.question for p in new]
     # A fact with a dev wording never gets a paraphrase question, and the other way round.
-    held = {p.fact_id: p.split for p in known if p.fact_id in facts and p.split in {"dev", "eval"}}
-    para_facts = {f: rows for f, rows in facts.items() if held.get(f) != "dev"}
+    with_dev = {p.fact_id for p in known if p.fact_id in facts and p.split == "dev"}
+    with_eval = {p.fact_id for p in known if p.fact_id in facts and p.split == "eval"}
+    para_facts = {f: rows for f, rows in facts.items() if f not in with_dev}
     chosen = _move(
         reg, new, choose_paraphrases(para_facts, questions, emb[: len(new)], trained), run_id, "eval"
     )
-    skip = set(held) | {new[i].fact_id for i in chosen}
+    skip = with_dev | with_eval | {new[i].fact_id for i in chosen}
     dev = _move(reg, new, choose_dev(facts, questions, emb[: len(new)], skip=skip), run_id, "dev")
     out = list(new)
     for rows, split in ((chosen, "eval"), (dev, "dev")):
@@ -67,7 +68,7 @@ def hold_out_paraphrases(
 def _move(reg: Registry, new: Sequence, rows: list[int], run_id: str, split: str) -> list[int]:
     """The rows the registry moved to ``split`` (a pair some version trained on stays)."""
     ids = [new[i].qa_id for i in rows]
-    if reg.hold_out_paraphrases(ids, run_id=run_id, split=split) != len(rows):
+    if reg.hold_out(ids, split, run_id=run_id) != len(rows):
         moved = {p.qa_id for p in reg.qa_pairs(split=split, ids=ids)}
         rows = [i for i in rows if new[i].qa_id in moved]
     return rows
@@ -104,7 +105,7 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         out.qa_duplicates = len(result.duplicates)
         keep = {p.qa_id for p in result.kept}
         rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
-        kept, out.qa_held_out, out.qa_dev = hold_out_paraphrases(
+        kept, out.qa_held_out, out.qa_dev = hold_out_wordings(
             reg, store, [new_pairs[i] for i in rows], pairs, run_id
         )
         out.qa_indexed = index_qa(store, kept, embeddings[rows], run_id)
@@ -124,6 +125,7 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         out.restored_vectors = restore(store, active)
     say(
         progress,
-        f"index: {out.qa_indexed} pairs and {out.chunks_indexed} chunks added, {out.qa_duplicates} duplicates",
+        f"index: {out.qa_indexed} pairs and {out.chunks_indexed} chunks added, {out.qa_duplicates} duplicates, "
+        f"{out.qa_held_out} wordings held out as paraphrase questions, {out.qa_dev} as dev",
     )
     return out

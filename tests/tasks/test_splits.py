@@ -134,10 +134,10 @@ def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(settings, em
     meta = {r.id: r.metadata for r in VectorStore(s).get(QA_PAIRS, ids=[by_q[FAR].qa_id, unseen.qa_id])}
     assert meta[by_q[FAR].qa_id]["split"] == "eval" and meta[unseen.qa_id]["fact_id"] == unseen.fact_id
     # A pair some version trained on is never moved to eval, nor to dev; no other split is a hold-out.
-    assert reg.hold_out_paraphrases([by_q[CLOSE[0]].qa_id]) == 0
-    assert reg.hold_out_paraphrases([by_q[CLOSE[0]].qa_id], split="dev") == 0
+    assert reg.hold_out([by_q[CLOSE[0]].qa_id], "eval") == 0
+    assert reg.hold_out([by_q[CLOSE[0]].qa_id], "dev") == 0
     with pytest.raises(ValueError, match="'eval' or 'dev'"):
-        reg.hold_out_paraphrases([by_q[CLOSE[0]].qa_id], split="train")
+        reg.hold_out([by_q[CLOSE[0]].qa_id], "train")
 
 
 def test_normalised_rows():
