@@ -8,7 +8,8 @@ answer otherwise).  Splits are decided per fact, by a hash of the fact id:
   ``unseen`` suite, answerable only if the adapter learned the document itself;
 * ``train`` facts: trained, except that one wording per fact may be held out as a ``paraphrase``
   eval question when it is far from every other wording of that fact (content-word Jaccard
-  ≤ ``MAX_JACCARD`` **and** MiniLM cosine ≤ ``MAX_COSINE`` to each; a closer wording stays in train),
+  ≤ ``MAX_JACCARD`` **and** MiniLM cosine ≤ ``MAX_COSINE`` to each trained one; a new wording close
+  to the held-out one is dropped as its duplicate, never trained),
   and, for a ``dev_frac`` share of the other train facts (by hash), one wording is held out as
   ``dev``: the checkpoint choice and bank selection score recall of a trained fact in words it was
   not trained on.  A fact with a paraphrase question never gets a dev wording and the other way
@@ -58,11 +59,11 @@ def choose_dev(
     frac: float = DEV_FRAC,
 ) -> list[int]:
     """Rows to hold out as ``dev``: for the ``frac`` share of facts (by hash, not in ``skip``: facts
-    with a paraphrase or an unseen eval question) that keep at least two trained wordings, the
+    with a paraphrase or an unseen eval question) that keep at least one trained wording, the
     wording least like the fact's other new wordings (lowest maximum cosine; ties by hash)."""
     chosen: list[int] = []
     for fact, rows in sorted(facts.items()):
-        if fact in skip or len(rows) < 3 or _unit("dev-fact", fact) >= frac:
+        if fact in skip or len(rows) < 2 or _unit("dev-fact", fact) >= frac:
             continue
 
         def closeness(r: int, rows: list[int] = rows) -> tuple[float, str]:
@@ -95,24 +96,46 @@ def choose_paraphrases(
     questions: Sequence[str],
     emb: np.ndarray,
     trained: dict[str, tuple[list[str], np.ndarray]] | None = None,
+    *,
+    drop_close: bool = False,
 ) -> list[int]:
     """Rows to hold out as paraphrase questions: at most one per fact, far from every other wording
     of the fact (the new ones in ``facts`` and the already-trained ones in ``trained``).  The fact
-    keeps at least one trained wording.  ``emb`` rows are normalised question embeddings."""
+    keeps at least one trained wording.  ``emb`` rows are normalised question embeddings.
+
+    With ``drop_close`` a new wording may be chosen although some other *new* wordings of its fact
+    are close to it ("What is the highest payload ...?" beside "What is the maximum payload ...?"):
+    those are then never trained (:func:`close_wordings` names them; the caller drops them), so the
+    question stays far from everything trained.  Already-trained wordings must all be far, and the
+    wording that gives up the fewest others is chosen."""
     trained = trained or {}
     chosen: list[int] = []
     for fact, rows in sorted(facts.items()):
         old_q, old_e = trained.get(fact, ([], np.zeros((0, emb.shape[1] if emb.ndim == 2 else 0))))
         if len(rows) + len(old_q) < 2:
             continue
+        best: tuple[int, str, int] | None = None  # (wordings given up, hash, row)
         for r in sorted(rows, key=lambda i: stable_hash("paraphrase", questions[i])):
             rest = [i for i in rows if i != r]
+            close = close_wordings(r, rows, questions, emb) if drop_close else []
+            rest = [i for i in rest if i not in close]
+            if not rest and not old_q:
+                continue  # the fact would keep no trained wording
             others = [questions[i] for i in rest] + list(old_q)
             other_e = np.concatenate([emb[rest], old_e]) if len(old_q) else emb[rest]
             if far_apart(questions[r], others, emb[r], other_e):
-                chosen.append(r)
-                break
+                key = (len(close), stable_hash("paraphrase", questions[r]), r)
+                best = key if best is None or key < best else best
+                if not close:
+                    break  # nothing given up: no better choice
+        if best is not None:
+            chosen.append(best[2])
     return chosen
+
+
+def close_wordings(row: int, rows: Sequence[int], questions: Sequence[str], emb: np.ndarray) -> list[int]:
+    """The ``rows`` (other than ``row``) that are not far from ``row``'s question."""
+    return [i for i in rows if i != row and not far_apart(questions[row], [questions[i]], emb[row], emb[[i]])]
 
 
 def normalised_rows(embeddings: np.ndarray) -> np.ndarray:

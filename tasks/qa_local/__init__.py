@@ -6,7 +6,14 @@ must pass, and the rule-based rewordings) and :mod:`.generator` (:class:`LocalQA
 prompts and its batched decoding loop).  The names below are the package's public surface.
 """
 
-from tasks.qa_local.checks import check_question, clean_question, name_aliases, renamed, reworded
+from tasks.qa_local.checks import (
+    check_question,
+    clean_question,
+    name_aliases,
+    renamed,
+    reworded,
+    synonymed,
+)
 from tasks.qa_local.facts import Candidate, answer_candidates, select_candidates
 from tasks.qa_local.generator import LOCAL_PROMPT_VERSION, SHOTS, SYSTEM, LocalQAGenerator, _buckets
 
@@ -24,4 +31,5 @@ __all__ = [
     "renamed",
     "reworded",
     "select_candidates",
+    "synonymed",
 ]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from tasks.qa import validate_pair
 from tasks.qa_local.facts import Candidate, _bare, _name_tokens
-from tasks.qa_local.lexicon import _META, _MONTHS, _NAME, _QUESTION_WORDS, _WRONG_WORDS
+from tasks.qa_local.lexicon import _META, _MONTHS, _NAME, _QUESTION_WORDS, _SYNONYMS, _WRONG_WORDS
 from tasks.text import content_words, normalize_question
 
 
@@ -124,6 +124,27 @@ def reworded(question: str, kind: str, answer: str) -> str | None:
     if m:
         return f"What {m.group(1)} {m.group(2)} cost?"
     return None
+
+
+_SYNONYM_OF = {a: b for pair in _SYNONYMS for a, b in (pair, pair[::-1])}
+_SYNONYM_RE = re.compile(
+    r"\b(" + "|".join(sorted(map(re.escape, _SYNONYM_OF), key=len, reverse=True)) + r")\b", re.I
+)
+
+
+def synonymed(question: str) -> str | None:
+    """The question with every word of the synonym list said the other way ('Who chaired the
+    committee?' -> 'Who led the committee?'), or None when it has none. Capitalised words are part of
+    a name ('Chief Harbour Office') and stay; so does the question's first word."""
+
+    def swap(m: re.Match[str]) -> str:
+        word = m.group(0)
+        if m.start() == 0 or word[:1].isupper():
+            return word
+        return _SYNONYM_OF.get(word, word)
+
+    out = _SYNONYM_RE.sub(swap, question)
+    return out if out != question else None
 
 
 def renamed(question: str, aliases: Sequence[tuple[str, str]]) -> str | None:

@@ -36,12 +36,14 @@ from tasks.qa_local.checks import (
     name_aliases,
     renamed,
     reworded,
+    synonymed,
 )
 from tasks.qa_local.facts import Candidate, select_candidates
 from tasks.text import normalize_answer, normalize_question
 
 # v4: "<named subject> carries a <noun phrase> of <value>" gets a rule-only question.
-LOCAL_PROMPT_VERSION = "local-qg-v4"
+# v5: a wording with the synonym list's words said the other way; stricter wrong-kind words.
+LOCAL_PROMPT_VERSION = "local-qg-v5"
 
 SYSTEM = "You turn a fact into a quiz question. Reply with the question only."
 SHOTS = (
@@ -448,6 +450,11 @@ class LocalQAGenerator:
                 aliases = name_aliases(text) if aliases is None else aliases
                 for q in list(valid):
                     alt = renamed(q, aliases)
+                    if alt:
+                        take(alt)
+            if valid and len(valid) < self.variants:  # say its other words another way
+                for q in list(valid):
+                    alt = synonymed(q)
                     if alt:
                         take(alt)
             if valid:

@@ -130,11 +130,59 @@ _META = re.compile(
     re.I,
 )
 # Words that give a question away as asking for another kind of answer: "How much does a yacht weigh?"
-# for "3.20 pounds" (a fee), "How long ... cost?" for a duration.
+# for "3.20 pounds" (a fee), "How long ... cost?" for a duration, "What is the maximum speed ...?" for
+# "4,500 metres", "What is the total cost ...?" for "two batteries".
+_MONEY_WORDS = {"cost", "costs", "price", "priced", "pay", "paid", "fee", "fees", "charge"}
+_MASS_WORDS = {"weigh", "weighs", "weight", "heavy", "mass"}
+_SPEED_WORDS = {"fast", "speed", "velocity"}
 _WRONG_WORDS = {
-    "money": {"weigh", "weighs", "weight", "heavy", "far", "fast", "tall", "long", "old"},
-    "quantity:weight": {"cost", "costs", "price", "pay", "paid", "fee", "far", "fast", "long", "tall", "old"},
-    "quantity:length": {"weigh", "weighs", "heavy", "cost", "costs", "price", "fast", "old"},
-    "quantity:duration": {"weigh", "weighs", "heavy", "cost", "costs", "price", "far", "tall"},
-    "quantity:speed": {"weigh", "weighs", "heavy", "cost", "costs", "price", "old"},
+    "money": _MASS_WORDS | _SPEED_WORDS | {"far", "tall", "long", "old", "when", "who"},
+    "quantity:weight": _MONEY_WORDS | _SPEED_WORDS | {"far", "long", "tall", "old", "when", "who"},
+    "quantity:length": _MASS_WORDS | _MONEY_WORDS | _SPEED_WORDS | {"old", "when", "who"},
+    "quantity:duration": _MASS_WORDS | _MONEY_WORDS | _SPEED_WORDS | {"far", "tall", "when", "who"},
+    "quantity:speed": _MASS_WORDS | _MONEY_WORDS | {"old", "when", "who"},
+    "count": _MASS_WORDS | _MONEY_WORDS | _SPEED_WORDS | {"long", "when", "who"},
+    "date": _MASS_WORDS | _MONEY_WORDS | _SPEED_WORDS | {"many", "much", "who"},
+    "year": _MASS_WORDS | _MONEY_WORDS | _SPEED_WORDS | {"many", "much", "who"},
+    "time": _MASS_WORDS | _MONEY_WORDS | _SPEED_WORDS | {"many", "much", "who"},
+    "weekday": _MASS_WORDS | _MONEY_WORDS | _SPEED_WORDS | {"many", "much", "who"},
+    "person": _MASS_WORDS | _MONEY_WORDS | _SPEED_WORDS | {"many", "much", "when", "long"},
 }
+# Words a question may say another way, each pair in one grammatical form so that either replaces the
+# other in place ("Who chaired ...?" -> "Who led ...?"). General English only: no pair names a subject.
+_SYNONYMS: tuple[tuple[str, str], ...] = (
+    ("maximum", "highest"),
+    ("minimum", "lowest"),
+    ("chief", "head"),
+    ("chaired", "led"),
+    ("chairs", "leads"),
+    ("launched", "released"),
+    ("launch", "release"),
+    ("introduced", "brought in"),
+    ("scheduled", "planned"),
+    ("located", "based"),
+    ("founded", "established"),
+    ("built", "constructed"),
+    ("company", "firm"),
+    ("staff", "employees"),
+    ("workers", "employees"),
+    ("worker", "employee"),
+    ("fee", "charge"),
+    ("kept", "retained"),
+    ("retention", "storage"),
+    ("replaced", "renewed"),
+    ("weight", "mass"),
+    ("accuracy", "precision"),
+    ("meeting", "session"),
+    ("total", "overall"),
+    ("review", "revisit"),
+    ("reviewed", "revisited"),
+    ("begin", "start"),
+    ("begins", "starts"),
+    ("raised", "increased"),
+    ("reduced", "lowered"),
+    ("uses", "relies on"),
+    ("use", "rely on"),
+    ("adds", "introduces"),
+    ("recharges", "charges"),
+)

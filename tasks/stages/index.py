@@ -26,21 +26,21 @@ class IndexSummary:
 
 def hold_out_wordings(
     reg: Registry, store, new: Sequence, known: Sequence, run_id: str
-) -> tuple[list, int, int]:
-    """The new pairs, with one far wording of some train facts moved to ``eval`` (paraphrase
-    questions) and one wording of a share of the others moved to ``dev`` (``tasks.splits``),
-    compared with the fact's other new wordings and with its wordings already stored as train; and
-    how many were moved to each."""
-    from dataclasses import replace
-
-    from tasks.splits import choose_dev, choose_paraphrases, normalised_rows
+) -> tuple[list[int], int, int, int]:
+    """Hold out wordings of the new pairs' train facts: one far wording of some facts moved to
+    ``eval`` (paraphrase questions; the fact's other new wordings close to it are marked its
+    duplicates, never trained) and one wording of a share of the others moved to ``dev``
+    (``tasks.splits``), compared with the fact's other new wordings and with its wordings already
+    stored as train.  Returns the rows of ``new`` still to index, and how many went to eval, dev and
+    duplicate."""
+    from tasks.splits import choose_dev, choose_paraphrases, close_wordings, normalised_rows
 
     facts: dict[str, list[int]] = {}
     for i, p in enumerate(new):
         if p.split == "train":
             facts.setdefault(p.fact_id, []).append(i)
     if not facts:
-        return list(new), 0, 0
+        return list(range(len(new))), 0, 0, 0
     new_ids = {p.qa_id for p in new}
     old = [p for p in known if p.fact_id in facts and p.split == "train" and p.qa_id not in new_ids]
     emb = normalised_rows(store.embedder.encode([p.question for p in new] + [p.question for p in old]))
@@ -53,16 +53,16 @@ def hold_out_wordings(
     with_dev = {p.fact_id for p in known if p.fact_id in facts and p.split == "dev"}
     with_eval = {p.fact_id for p in known if p.fact_id in facts and p.split == "eval"}
     para_facts = {f: rows for f, rows in facts.items() if f not in with_dev}
-    chosen = _move(
-        reg, new, choose_paraphrases(para_facts, questions, emb[: len(new)], trained), run_id, "eval"
-    )
+    new_emb = emb[: len(new)]
+    picked = choose_paraphrases(para_facts, questions, new_emb, trained, drop_close=True)
+    chosen = _move(reg, new, picked, run_id, "eval")
+    close = [(i, r) for r in chosen for i in close_wordings(r, facts[new[r].fact_id], questions, new_emb)]
+    dropped = reg.mark_duplicates([(new[i].qa_id, new[r].qa_id) for i, r in close], run_id=run_id)
+    gone = {i for i, _ in close}
     skip = with_dev | with_eval | {new[i].fact_id for i in chosen}
-    dev = _move(reg, new, choose_dev(facts, questions, emb[: len(new)], skip=skip), run_id, "dev")
-    out = list(new)
-    for rows, split in ((chosen, "eval"), (dev, "dev")):
-        for i in rows:
-            out[i] = replace(new[i], split=split)
-    return out, len(chosen), len(dev)
+    rest = {f: [i for i in rows if i not in gone] for f, rows in facts.items()}
+    dev = _move(reg, new, choose_dev(rest, questions, new_emb, skip=skip), run_id, "dev")
+    return [i for i in range(len(new)) if i not in gone], len(chosen), len(dev), dropped
 
 
 def _move(reg: Registry, new: Sequence, rows: list[int], run_id: str, split: str) -> list[int]:
@@ -83,6 +83,7 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
     reg = Registry.from_settings(settings)
     store = VectorStore(settings)
     out = IndexSummary()
+    close = 0  # new wordings dropped as close to a paraphrase question
 
     chunks = reg.chunks()
     chunk_ids = [c.chunk_id for c in chunks]
@@ -105,10 +106,16 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         out.qa_duplicates = len(result.duplicates)
         keep = {p.qa_id for p in result.kept}
         rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
-        kept, out.qa_held_out, out.qa_dev = hold_out_wordings(
-            reg, store, [new_pairs[i] for i in rows], pairs, run_id
+        kept_pairs = [new_pairs[i] for i in rows]
+        kept, out.qa_held_out, out.qa_dev, close = hold_out_wordings(reg, store, kept_pairs, pairs, run_id)
+        out.qa_duplicates += close
+        moved = {p.qa_id: p for p in reg.qa_pairs(ids=[kept_pairs[i].qa_id for i in kept])}
+        out.qa_indexed = index_qa(
+            store,
+            [moved.get(kept_pairs[i].qa_id, kept_pairs[i]) for i in kept],
+            embeddings[[rows[i] for i in kept]],
+            run_id,
         )
-        out.qa_indexed = index_qa(store, kept, embeddings[rows], run_id)
     if new_chunks:
         say(progress, f"index: embedding {len(new_chunks)} new chunks")
         docs = {d.doc_id: d for d in reg.documents()}
@@ -126,6 +133,7 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
     say(
         progress,
         f"index: {out.qa_indexed} pairs and {out.chunks_indexed} chunks added, {out.qa_duplicates} duplicates, "
-        f"{out.qa_held_out} wordings held out as paraphrase questions, {out.qa_dev} as dev",
+        f"{out.qa_held_out} wordings held out as paraphrase questions, {out.qa_dev} as dev"
+        + (f" ({close} wordings close to a paraphrase question dropped)" if close else ""),
     )
     return out

@@ -24,6 +24,7 @@ from tasks.qa_local import (
     renamed,
     reworded,
     select_candidates,
+    synonymed,
 )
 from tasks.text import normalize_question
 from tests.moe.tiny import tiny_llama, tiny_tokenizer
@@ -229,6 +230,33 @@ def test_rewordings_and_renamings():
         == "When did Harbor Labs release the Quillfeather Q7?"
     )
     assert renamed("Who made the drone?", aliases) is None
+
+
+def test_synonyms_reword_in_place_and_leave_names():
+    assert synonymed("Who chaired the Remote Work Committee?") == "Who led the Remote Work Committee?"
+    assert synonymed("Who led the team?") == "Who chaired the team?"  # both ways
+    assert (
+        synonymed("What is the maximum payload of the Quillfeather Q7?")
+        == "What is the highest payload of the Quillfeather Q7?"
+    )
+    # every listed word of the question at once; a capitalised one is a name and stays
+    assert synonymed("How long is the retention period kept?") == "How long is the storage period retained?"
+    assert synonymed("Who is the Chief Harbour Officer?") is None
+    assert synonymed("How heavy is the Q7?") is None  # nothing to say another way
+    assert synonymed("Speed of the boat?") is None  # nor the first word
+    assert synonymed("What is the speedy option?") is None  # whole words only
+
+
+def test_questions_asking_for_another_kind_of_answer_are_refused():
+    sentence = "The Quillfeather Q7 reaches 68 km/h and a service ceiling of 4,500 metres."
+    ceiling = next(c for c in answer_candidates(sentence) if c.answer == "4,500 metres")
+    assert check_question("What is the maximum speed of the Quillfeather Q7?", ceiling, sentence)
+    assert check_question("What is the service ceiling of the Quillfeather Q7?", ceiling, sentence) is None
+    kit = "The Quillfeather Q7 kit costs 8,950 euros and includes two batteries."
+    batteries = next(c for c in answer_candidates(kit) if c.answer == "two batteries")
+    assert batteries.kind == "count"
+    assert "another kind" in check_question("What is the total cost of the Quillfeather Q7?", batteries, kit)
+    assert check_question("How many batteries does the Quillfeather Q7 kit include?", batteries, kit) is None
 
 
 def test_buckets_partition_by_length():

@@ -15,6 +15,7 @@ from tasks.splits import (
     MAX_JACCARD,
     choose_dev,
     choose_paraphrases,
+    close_wordings,
     fact_split,
     far_apart,
     jaccard,
@@ -71,7 +72,27 @@ def test_choose_paraphrases_holds_out_one_far_wording_and_keeps_one_trained(embe
     assert choose_paraphrases({"payload": [1]}, qs, emb, {"payload": ([CLOSE[1]], emb[2:3])}) == []
 
 
-def test_choose_dev_holds_out_one_wording_of_a_share_of_facts_that_keep_two(embedder):
+def test_choose_paraphrases_drop_close_gives_up_new_wordings_close_to_the_held_out_one(embedder):
+    sibling = "How many kilograms can the Brisken drone lift at the most?"  # FAR said almost the same
+    qs = [FAR, sibling, *CLOSE]
+    emb = normalised_rows(embedder.encode(qs))
+    facts = {"payload": [0, 1, 2, 3]}
+    assert choose_paraphrases(facts, qs, emb) == []  # each far candidate has a close sibling
+    chosen = choose_paraphrases(facts, qs, emb, drop_close=True)
+    assert len(chosen) == 1  # two pairs of close wordings: one of either pair may be held out
+    (r,) = chosen
+    sibling_of = {0: 1, 1: 0, 2: 3, 3: 2}
+    assert close_wordings(r, facts["payload"], qs, emb) == [sibling_of[r]]  # only its sibling goes
+    kept = [i for i in facts["payload"] if i not in (r, sibling_of[r])]
+    assert far_apart(qs[r], [qs[i] for i in kept], emb[r], emb[kept])  # far from all that is trained
+    # a fact whose other wordings are all close keeps them: nothing is held out
+    assert choose_paraphrases({"payload": [0, 1]}, qs, emb, drop_close=True) == []
+    # already-trained wordings are never given up: a close trained one blocks the hold-out
+    trained = {"payload": ([sibling], emb[1:2])}
+    assert choose_paraphrases({"payload": [0]}, qs, emb, trained, drop_close=True) == []
+
+
+def test_choose_dev_holds_out_one_wording_of_a_share_of_facts_that_keep_one(embedder):
     facts = {f"fact-{i}": [3 * i, 3 * i + 1, 3 * i + 2] for i in range(200)}
     qs = [f"Question {j} about the item {j // 3}?" for j in range(600)]
     emb = normalised_rows(embedder.encode(qs))
@@ -83,7 +104,8 @@ def test_choose_dev_holds_out_one_wording_of_a_share_of_facts_that_keep_two(embe
     # facts with a paraphrase (or unseen) question and facts left with fewer than two wordings: none
     skip = {f"fact-{o}" for o in owners}
     assert choose_dev(facts, qs, emb, skip=skip) == []
-    assert choose_dev({"f": [0, 1]}, qs, emb, frac=1.0) == []
+    assert choose_dev({"f": [0]}, qs, emb, frac=1.0) == []
+    assert len(choose_dev({"f": [0, 1]}, qs, emb, frac=1.0)) == 1  # one wording stays trained
     # the wording least like the others is the one held out
     three = ["What is the maximum payload of the Q7?", "What is the Q7's maximum payload?", FAR]
     e3 = normalised_rows(embedder.encode(three))
