@@ -13,10 +13,12 @@ from cli.util import print_json
 
 
 def cmd_bank_add(args: argparse.Namespace) -> int:
+    from storage.registry import Registry
     from storage.settings import get_settings
     from tasks.bank import add_external
 
-    entry = add_external(get_settings(), args.path, name=args.name)
+    settings = get_settings()  # the bank may come first: the registry is created if there is none
+    entry = add_external(Registry.from_settings(settings), settings, args.path, name=args.name)
     if args.json:
         print_json(entry.to_dict())
     else:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cli.util import print_json
+from cli.util import open_registry, print_json
 
 if TYPE_CHECKING:
     from storage.registry import Registry
@@ -24,14 +24,7 @@ SHORT_ID = 12  # characters of a qa_id shown in text output; `qa exclude` accept
 
 
 def _registry(settings: Settings, must_exist: bool) -> Registry | None:
-    """The data home's registry; None when there is none yet and the command only reads."""
-    from storage.registry import Registry
-
-    if not settings.registry_path.exists():
-        if must_exist:
-            raise FileNotFoundError(f"no registry at {settings.registry_path}: run `moral refresh` first")
-        return None
-    return Registry.from_settings(settings)
+    return open_registry(settings, must_exist)
 
 
 # --- moral qa ----------------------------------------------------------------------------------
@@ -168,7 +161,8 @@ def cmd_docs_purge(args: argparse.Namespace) -> int:
     from storage.settings import get_settings
     from tasks.documents import purge_document
 
-    result = purge_document(get_settings(), args.path)
+    settings = get_settings()
+    result = purge_document(_registry(settings, must_exist=True), settings, args.path)
     if args.json:
         print_json(result)
         return 0

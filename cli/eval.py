@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from cli.util import print_json
+from cli.util import open_registry, print_json
 
 
 def _clean(x: float | None) -> float | None:
@@ -109,9 +109,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tasks.plots import write_html_report
 
     settings = get_settings()
-    if not settings.registry_path.exists():
-        raise ValueError("no registry yet: run `moral refresh` first")
-    print(write_html_report(settings, args.version))
+    print(write_html_report(open_registry(settings), settings, args.version))
     return 0
 
 
@@ -122,10 +120,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tasks.compare import compare_lora, compare_markdown
 
     settings = get_settings()
-    if not settings.registry_path.exists():
-        raise ValueError("no registry yet: run `moral refresh` first")
     result = compare_lora(
-        settings, args.version, progress=None if args.json else lambda m: print(m, file=sys.stderr)
+        open_registry(settings),
+        settings,
+        args.version,
+        progress=None if args.json else lambda m: print(m, file=sys.stderr),
     )
     if args.json:
         print_json(result)

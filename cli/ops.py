@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from cli.util import print_json
+from cli.util import cli_actor, print_json
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from flows.rollback import cli_actor, emit_adapter_event, promote_version
+    from flows.rollback import emit_adapter_event
     from storage.settings import get_settings
+    from tasks.stages.promote import promote_version
 
     settings = get_settings()
     result = promote_version(settings, args.version, reason=args.reason, force=args.force, actor=cli_actor())
@@ -25,8 +26,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from flows.rollback import cli_actor, emit_adapter_event, rollback_adapter
+    from flows.rollback import emit_adapter_event
     from storage.settings import get_settings
+    from tasks.stages.promote import rollback_adapter
 
     settings = get_settings()
     result = rollback_adapter(settings, to=args.to, reason=args.reason, actor=cli_actor())
@@ -41,7 +43,6 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from flows.rollback import cli_actor
     from storage.backup import gc
     from storage.settings import get_settings
 

@@ -1,45 +1,27 @@
-"""Rollback and manual promotion, shared by ``moral rollback`` / ``moral promote`` and the
-``rollback-adapter`` Prefect flow, plus the Prefect events both emit.
+"""The ``rollback-adapter`` Prefect flow and the Prefect events that a promotion or a rollback emits.
 
-Order of work, so that a refusal changes nothing: read what the change would be (no writes),
-verify the target's files against the checksum the registry recorded, then make the change in one
-registry transaction that refuses if the champion moved in between.  Events go out afterwards and
-never fail the operation: the registry's audit log is the record, the events are for automations.
+The operations themselves (``promote_version``, ``rollback_adapter``) live with the promote stage in
+:mod:`tasks.stages.promote`, shared by this flow and ``moral promote`` / ``moral rollback``.  Events go
+out after the registry change and never fail the operation: the registry's audit log is the record,
+the events are for automations.
 """
 
 from __future__ import annotations
 
-import getpass
 import logging
-import os
-import socket
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
 
 from flows.params import RollbackParams
-from storage.artifacts import ArtifactError, verify_uri
-from storage.registry import Registry, RegistryError, format_version
 from storage.settings import Settings, get_settings
+from tasks.stages.promote import rollback_adapter
 
 log = logging.getLogger(__name__)
 
 EVENT_PROMOTED = "moral.adapter.promoted"
 EVENT_ROLLED_BACK = "moral.adapter.rolled-back"
-
-
-class OperationRefused(RuntimeError):
-    """A promotion or rollback was refused; the registry is unchanged."""
-
-
-def cli_actor() -> str:
-    """Who ran a CLI command, for the audit log."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers with arbitrary uids)
-        user = str(os.getuid())
-    return f"cli:{user}@{socket.gethostname()}"
 
 
 def current_flow_run_id() -> str | None:
@@ -49,75 +31,6 @@ def current_flow_run_id() -> str | None:
         return str(flow_run.id) if flow_run.id else None
     except Exception:  # outside a flow run
         return None
-
-
-def _verified(version: Any) -> None:
-    try:
-        verify_uri(version.artifact_uri, version.artifact_sha256, label=version.name)
-    except ArtifactError as exc:
-        raise OperationRefused(f"refused, nothing changed: {exc}") from exc
-
-
-def rollback_adapter(
-    settings: Settings,
-    to: int | str | None = None,
-    reason: str = "rollback",
-    actor: str | None = None,
-    run_id: str | None = None,
-) -> dict[str, Any]:
-    """Move the champion back (to the previous promoted version, or ``to``) after verifying the
-    target's files; the version rolled back from becomes ``revoked``."""
-    if not reason or not reason.strip():
-        raise OperationRefused("a rollback needs a reason (it is written to the audit log)")
-    reg = Registry.from_settings(settings)
-    try:
-        current, target = reg.rollback_target(to)
-        _verified(target)
-        done = reg.rollback(
-            to=target.version, actor=actor, reason=reason, run_id=run_id, expect_from=current.version
-        )
-    except RegistryError as exc:
-        raise OperationRefused(f"refused, nothing changed: {exc}") from exc
-    return {
-        "operation": "rollback",
-        "from": format_version(done.from_version),
-        "to": format_version(done.to_version),
-        "revoked": format_version(done.from_version),
-        "champion": format_version(done.to_version),
-        "reason": reason,
-        "actor": actor,
-        "flow_run_id": run_id,
-    }
-
-
-def promote_version(
-    settings: Settings,
-    version: int | str,
-    reason: str,
-    force: bool = False,
-    actor: str | None = None,
-    run_id: str | None = None,
-) -> dict[str, Any]:
-    """An operator's promotion (``force`` for a rejected or revoked version), after verifying its files."""
-    reg = Registry.from_settings(settings)
-    try:
-        target = reg.get_version(version)
-        previous = reg.champion()
-        _verified(target)
-        done = reg.promote(target.version, actor=actor, reason=reason, force=force, run_id=run_id)
-    except RegistryError as exc:
-        raise OperationRefused(f"refused, nothing changed: {exc}") from exc
-    return {
-        "operation": "promote",
-        "version": done.name,
-        "from_status": target.status,
-        "previous_champion": format_version(previous) if previous else None,
-        "champion": done.name,
-        "forced": force,
-        "reason": reason,
-        "actor": actor,
-        "flow_run_id": run_id,
-    }
 
 
 def emit_adapter_event(

@@ -153,14 +153,13 @@ def validate_external(path: Path, base_path: Path, base_sha256: str, expert_rank
 
 
 def add_external(
-    settings: Settings, path: Path, name: str | None = None, actor: str | None = "cli"
+    reg: Registry, settings: Settings, path: Path, name: str | None = None, actor: str | None = "cli"
 ) -> BankEntry:
     """Validate and register a peft LoRA adapter directory in the bank."""
     from moe.base_model import base_model_identity
 
     base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
     facts = validate_external(Path(path), base_path, identity["sha256"], settings.rank)
-    reg = Registry.from_settings(settings)
     return reg.add_bank_entry(
         name=name or Path(facts["path"]).name,
         path=facts["path"],

@@ -48,7 +48,10 @@ def pivot(rows: list[dict]) -> list[dict]:
 
 
 def compare_lora(
-    settings: Settings, version: int | str | None = None, progress: Callable[[str], None] | None = None
+    reg: Registry,
+    settings: Settings,
+    version: int | str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Train plain LoRA on a MoRAL version's pairs and evaluate base / MoRAL / LoRA on its suites."""
     from moe.base_model import base_model_identity
@@ -58,7 +61,6 @@ def compare_lora(
     from tasks.train import TrainPair, train_candidate
 
     say = progress or (lambda _m: None)
-    reg = Registry.from_settings(settings)
     v = _latest_moral(reg, version)
     roles = reg.trained_pairs(v.version)
     pairs = [p for p in reg.qa_pairs() if p.qa_id in roles]

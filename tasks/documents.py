@@ -30,7 +30,7 @@ def match_documents(reg: Registry, path: str) -> list[Document]:
     return by_suffix
 
 
-def purge_document(settings: Settings, path: str) -> dict:
+def purge_document(reg: Registry, settings: Settings, path: str) -> dict:
     """Delete everything recorded for the document at ``path``: its vectors first (a failure there
     leaves the registry intact, so the purge can simply be repeated), then chunks, pairs, failures,
     quarantine entries and its LLM cache rows in one registry transaction (one audit event).
@@ -41,9 +41,6 @@ def purge_document(settings: Settings, path: str) -> dict:
     from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
     from tasks.qa import cache_key
 
-    if not settings.registry_path.exists():
-        raise FileNotFoundError(f"no registry at {settings.registry_path}: run `moral refresh` first")
-    reg = Registry.from_settings(settings)
     docs = match_documents(reg, path)
     if not docs:
         raise ValueError(f"no document recorded at {path} (see `moral qa list --json` for paths)")

@@ -119,10 +119,9 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def write_html_report(settings: Settings, version: int | str | None = None) -> Path:
+def write_html_report(reg: Registry, settings: Settings, version: int | str | None = None) -> Path:
     """``$MORAL_HOME/reports/vN.html``: decision, evaluation table and plots in one file (images
     inlined as base64, no external assets).  ``version`` defaults to the latest version."""
-    reg = Registry.from_settings(settings)
     if version is None:
         versions = reg.list_versions()
         if not versions:

@@ -116,3 +116,33 @@ def test_the_server_and_moe_import_no_pipeline_code():
         if m.startswith("moe")
         for d in graph[m]
     )
+
+
+def _opens_registry(path: Path) -> list[int]:
+    """Lines where the module opens a registry itself: ``Registry(...)`` or ``Registry.from_settings``."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if (isinstance(f, ast.Name) and f.id == "Registry") or (
+                isinstance(f, ast.Attribute)
+                and f.attr == "from_settings"
+                and isinstance(f.value, ast.Name)
+                and f.value.id == "Registry"
+            ):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_stages_open_the_registry_in_tasks():
+    """tasks/: the modules at the top are pure or are given a Registry by their caller; only the
+    registry-facing stage functions in tasks/stages/ open one."""
+    offenders = {
+        name: lines
+        for name, path in _modules().items()
+        if name.startswith("tasks.")
+        and not name.startswith("tasks.stages")
+        and (lines := _opens_registry(path))
+    }
+    assert offenders == {}
+    assert _opens_registry(ROOT / "tasks" / "stages" / "train.py")  # the check sees a real opening

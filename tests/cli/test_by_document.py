@@ -246,7 +246,10 @@ def test_old_evaluation_says_knowledge_was_not_recorded(registry_home, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out) == [] and KNOWLEDGE_NOT_RECORDED in captured.err
     assert KNOWLEDGE_NOT_RECORDED in evaluation_markdown(reg, 1, settings)
-    assert "not recorded for this version" in write_html_report(settings, 1).read_text()
+    assert (
+        "not recorded for this version"
+        in write_html_report(Registry.from_settings(settings), settings, 1).read_text()
+    )
 
 
 def test_markdown_and_html_reports_show_knowledge_by_document(registry_home):
@@ -254,7 +257,7 @@ def test_markdown_and_html_reports_show_knowledge_by_document(registry_home):
     md = evaluation_markdown(reg, 2, settings)
     assert "## Knowledge by document" in md and "| docs/a.md | 4 | 2 | 2 | 3 | 3 | 1 | 1 |" in md
     assert "## Knowledge by document" not in evaluation_markdown(reg, 2)  # no settings: no saved file
-    page = write_html_report(settings, 2).read_text()
+    page = write_html_report(Registry.from_settings(settings), settings, 2).read_text()
     assert "<h2>Knowledge by document</h2>" in page
     assert "<td>docs/a.md</td><td>4</td><td>2</td><td>2</td><td>3</td><td>3</td><td>1</td><td>1</td>" in page
     assert "question 1 about fa1?" in page and "question 1 about fa2?" in page

@@ -95,7 +95,8 @@ def test_rollback_flow_on_a_prefect_server_emits_the_event(prefect_harness, thre
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
     from flows.params import RollbackParams
-    from flows.rollback import EVENT_ROLLED_BACK, OperationRefused, rollback_adapter_flow
+    from flows.rollback import EVENT_ROLLED_BACK, rollback_adapter_flow
+    from tasks.stages.promote import OperationRefused
 
     reg, store, (v1, v2, _) = three
     before = _statuses(reg)

@@ -68,7 +68,7 @@ def main() -> None:
     index_stage(settings, "release-1")
     trained = train_stage(settings, "release-2")
     assert trained.version == 1, trained
-    from flows.rollback import promote_version
+    from tasks.stages.promote import promote_version
 
     promote_version(settings, 1, reason="release-home fixture", force=True, actor="fixture")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

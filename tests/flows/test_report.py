@@ -93,7 +93,7 @@ def test_markdown_plots_and_html_report(home):
     plots = save_plots(settings, version)
     assert set(plots) == {"loss", "expert_load"}
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in plots.values())
-    page = write_html_report(settings).read_text()
+    page = write_html_report(Registry.from_settings(settings), settings).read_text()
     assert page.count("data:image/png;base64,") == 2 and "world_knowledge" in page
     assert "no decision recorded yet" in page
 

@@ -130,7 +130,12 @@ def test_selection_scores_chooses_and_records(tiny, tiny_model_dir, tmp_path):
     v1 = reg.create_version(run_id="r0", base_model_sha256=sha, artifact_uri=str(out.artifact_dir),
                             artifact_sha256=out.sha256, params=out.params)  # fmt: skip
     reg.decide_version(v1, "promoted", ["test"], actor="test")
-    add_external(tiny, save_peft_lora(tiny_model_dir, tmp_path / "ext", rank=2), name="ext")
+    add_external(
+        Registry.from_settings(tiny),
+        tiny,
+        save_peft_lora(tiny_model_dir, tmp_path / "ext", rank=2),
+        name="ext",
+    )
     entries = reg.bank_entries(base_model_sha256=sha)
     assert [e.name for e in entries] == ["v1/e0", "v1/e1", "v1/e2", "v1/e3", "ext"]
     assert entries[0].targets == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
