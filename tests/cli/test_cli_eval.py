@@ -102,6 +102,13 @@ def test_eval_json_report_and_rerun(tiny_home, source_dir, capsys):
     out = capsys.readouterr().out
     assert out.startswith("# v1\n") and "| document | facts | reference closed |" in out
 
+    # `moral compare`: plain LoRA trained on v1's pairs and example mix, all three on v1's suites.
+    assert main(["compare", "--json"]) == 0
+    cmp = json.loads(capsys.readouterr().out)
+    assert cmp["version"] == "v1" and cmp["train_pairs"] > 0 and Path(cmp["lora_artifact"]).is_dir()
+    assert cmp["rows"] and all({"base", "moral", "lora"} <= set(r) for r in cmp["rows"])
+    assert json.loads((settings.home / "compare" / "v1.json").read_text())["rows"] == cmp["rows"]
+
 
 def test_eval_on_an_empty_home_says_so(settings, capsys):
     assert main(["eval"]) == 0
