@@ -79,11 +79,13 @@ def cmd_qa_list(args: argparse.Namespace) -> int:
 
 def cmd_qa_exclude(args: argparse.Namespace) -> int:
     from storage.settings import get_settings
+    from tasks.documents import exclude_pairs
 
-    reg = _registry(get_settings(), must_exist=True)
+    settings = get_settings()
+    reg = _registry(settings, must_exist=True)
     assert reg is not None
     ids = [reg.resolve_qa_id(i) for i in args.ids]  # all resolved first: a typo excludes nothing
-    changed = reg.exclude_pairs(ids, args.reason, actor="cli", strict=True)
+    changed = exclude_pairs(reg, settings, ids, args.reason, actor="cli")
     if args.json:
         print_json({"excluded": changed, "qa_ids": ids})
     else:

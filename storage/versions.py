@@ -136,13 +136,13 @@ class VersionsMixin(Database):
         return {qa_id: role for qa_id, role in rows}
 
     def settled_pairs(self) -> set[str]:
-        """QA pairs some version that reached users (promoted, or revoked after promotion) was
-        trained on. A rejected version's pairs are not settled: its knowledge never shipped, so the
-        next refresh trains on them again."""
+        """QA pairs some promoted version was trained on. A rejected version's pairs are not settled
+        (its knowledge never shipped), nor a revoked one's (it was rolled back: what it learned is no
+        longer served), so the next refresh trains on them again."""
         with self.transaction() as con:
             rows = con.execute(
                 "SELECT DISTINCT vp.qa_id FROM version_pairs vp JOIN adapter_versions av USING (version) "
-                "WHERE av.status IN ('promoted', 'revoked')"
+                "WHERE av.status = 'promoted'"
             ).fetchall()
         return {qa_id for (qa_id,) in rows}
 
@@ -170,6 +170,8 @@ class VersionsMixin(Database):
             target = _get(con, version)
             if target.status == "revoked" or (alias == CHAMPION and target.status != "promoted"):
                 raise RegistryError(f"cannot point '{alias}' at {target.name}: it is {target.status}")
+            if alias == CHAMPION:
+                _require_artifact(target)
             _move_alias(con, alias, target.version, actor, reason)
 
     def decide_version(
@@ -258,14 +260,16 @@ class VersionsMixin(Database):
         expect_from: int | None = None,
     ) -> Rollback:
         """Move the champion back (to the previous promoted version by default) and revoke the one
-        rolled back from.  The caller verifies the target's files first (see :meth:`rollback_target`);
-        ``expect_from`` makes the rollback refuse if the champion moved since that check."""
+        rolled back from.  The target's files are verified here too (callers check them first, see
+        :meth:`rollback_target`, to refuse before anything else); ``expect_from`` makes the rollback
+        refuse if the champion moved since that check."""
         with self.transaction() as con:
             current, target = _rollback_target(con, to)
             if expect_from is not None and current.version != expect_from:
                 raise RegistryError(
                     f"the champion moved to {current.name} while the rollback was being checked; nothing changed"
                 )
+            _require_artifact(target)
             reasons = [*current.decision_reasons, f"rolled back by {actor or 'unknown'}: {reason}"]
             _update(con, current.version, status="revoked", decision_reasons=dumps(reasons))
             event(
@@ -336,8 +340,16 @@ def _update(con: Con, version: int, **columns: Any) -> None:
 
 
 def _require_artifact(version: Version) -> None:
+    """Refuse a champion whose files are not there as recorded: a checksum must be recorded and the
+    directory must match it (every way to the champion alias passes here, inside its transaction)."""
+    from storage.artifacts import ArtifactError, verify_uri
+
     if version.artifact_sha256 is None:
         raise RegistryError(f"{version.name} has no artifact recorded; it cannot be promoted")
+    try:
+        verify_uri(version.artifact_uri, version.artifact_sha256, label=version.name)
+    except ArtifactError as exc:
+        raise RegistryError(f"{version.name} cannot be the champion: {exc}") from exc
 
 
 def _move_alias(

@@ -1,4 +1,5 @@
-"""A recorded document's data, found by its path and purged for good (``moral docs purge``)."""
+"""A recorded document's data, found by its path and purged for good (``moral docs purge``), and
+pairs excluded by an operator (``moral qa exclude``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ def match_documents(reg: Registry, path: str) -> list[Document]:
         listed = ", ".join(sorted({d.path for d in by_suffix})[:5])
         raise ValueError(f"{path} matches several documents ({listed}); give the full path")
     return by_suffix
+
+
+def exclude_pairs(
+    reg: Registry, settings: Settings, qa_ids: list[str], reason: str, actor: str | None = "cli"
+) -> int:
+    """Exclude pairs from training, replay and evaluation (``moral qa exclude``) in both stores: the
+    index first (a failure there changes nothing in the registry, and repeating is harmless), then the
+    registry (unknown ids refused). Returns how many pairs the registry newly excluded."""
+    from storage.vectors import VectorStore
+    from tasks.index import exclude
+
+    exclude(VectorStore(settings), qa_ids)
+    return reg.exclude_pairs(qa_ids, reason, actor=actor, strict=True)
 
 
 def purge_document(reg: Registry, settings: Settings, path: str) -> dict:

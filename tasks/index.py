@@ -153,3 +153,19 @@ def retire(store: Any, doc_ids: Sequence[str]) -> int:
 def restore(store: Any, doc_ids: Sequence[str]) -> int:
     """Undo `retire` for documents that came back (same bytes, same ids)."""
     return set_status(store, doc_ids, "active")
+
+
+def exclude(store: Any, qa_ids: Sequence[str]) -> int:
+    """Flag these pairs ``excluded`` in the index, as the registry has them: dedup matches active
+    pairs only, so a new pair like an excluded one is no longer dropped as its duplicate. A retired
+    document's restore leaves them excluded. Returns how many records changed."""
+    ids = sorted(set(qa_ids))
+    changed = 0
+    for start in range(0, len(ids), _IN_BATCH):
+        changed += store.set_metadata(
+            QA_PAIRS,
+            ids[start : start + _IN_BATCH],
+            {"status": "excluded"},
+            where={"status": {"$ne": "excluded"}},
+        )
+    return changed

@@ -188,18 +188,33 @@ def evaluate_stage(
     champion, note = usable_champion(reg, identity["sha256"])
     if champion is not None and champion.version == version:
         champion = None
-    if path.exists() and not force:
-        saved = json.loads(path.read_text())
-        say(progress, f"evaluate: v{version} already evaluated, reusing its scores")
-        return EvaluateSummary(
-            version, saved["has_champion"], saved.get("champion_note"), saved["sizes"], saved["means"]
-        )
-
-    from storage.artifacts import AdapterStore
+    from storage.artifacts import verify_uri
     from storage.vectors import Embedder
 
+    # Always, also before reusing saved scores: the gate then decides on files that are there as recorded.
     for v in [cand] + ([champion] if champion is not None else []):
-        AdapterStore(Path(v.artifact_uri).parent).verify(Path(v.artifact_uri).name, v.artifact_sha256)
+        verify_uri(v.artifact_uri, v.artifact_sha256, label=v.name)
+    made_with = {
+        "base_sha256": identity["sha256"],
+        "candidate_sha256": cand.artifact_sha256,
+        "champion_version": champion.version if champion is not None else None,
+        "champion_sha256": champion.artifact_sha256 if champion is not None else None,
+    }
+    if path.exists() and not force:
+        saved = json.loads(path.read_text())
+        stale = [k for k, want in made_with.items() if saved.get(k, "unrecorded") != want]
+        if not stale:
+            say(
+                progress,
+                f"evaluate: v{version} already evaluated against the same models, reusing its scores",
+            )
+            return EvaluateSummary(
+                version, saved["has_champion"], saved.get("champion_note"), saved["sizes"], saved["means"]
+            )
+        say(
+            progress,
+            f"evaluate: v{version}'s saved scores were made with another {', '.join(stale)}: evaluating again",
+        )
     suites = build_suites(settings, reg, version)
     sizes = {s.key: len(s.items) for s in suites}
     say(progress, "evaluate: " + ", ".join(f"{k} n={n}" for k, n in sizes.items()))
@@ -241,7 +256,7 @@ def evaluate_stage(
         {
             "version": version,
             "has_champion": champion is not None,
-            "champion_version": champion.version if champion is not None else None,
+            **made_with,  # what the scores are valid for (a later run reuses them only if all match)
             "champion_note": note,
             "sizes": sizes,
             "means": means,

@@ -22,6 +22,7 @@ class IndexSummary:
     qa_held_out: int = 0  # new train-fact wordings held out as paraphrase eval questions
     qa_dev: int = 0  # new train-fact wordings held out as dev (checkpoint choice)
     qa_rekeyed: int = 0  # indexed pairs re-keyed under the current answer normalisation
+    excluded_vectors: int = 0  # indexed pairs flagged excluded as the registry has them
 
 
 def hold_out_wordings(
@@ -78,7 +79,7 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
     """Dedup the pairs not yet indexed (within the batch and against Chroma), then upsert pairs and chunks."""
     from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
     from tasks.dedup import dedup_pairs, embedding_text
-    from tasks.index import index_chunks, index_qa, migrate_qa_keys, restore, retire
+    from tasks.index import exclude, index_chunks, index_qa, migrate_qa_keys, restore, retire
 
     reg = Registry.from_settings(settings)
     store = VectorStore(settings)
@@ -121,6 +122,8 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         docs = {d.doc_id: d for d in reg.documents()}
         meta = {doc_id: {"path": d.path} for doc_id, d in docs.items()}
         out.chunks_indexed = index_chunks(store, new_chunks, meta, run_id)
+    # Pairs an operator excluded are excluded in the index too (homes from before that was done).
+    out.excluded_vectors = exclude(store, [p.qa_id for p in reg.qa_pairs(status="excluded")])
     all_docs = reg.documents()
     retired = [d.doc_id for d in all_docs if d.status == "retired"]
     if retired:

@@ -41,14 +41,14 @@ def usable_champion(reg: Registry, base_sha256: str) -> tuple[object | None, str
 def rejected_with_same_inputs(
     reg: Registry, pairs: list, settings: Settings, kind: str, base_sha256: str
 ) -> str | None:
-    """The rejected version trained on exactly these pairs, parameters and base model, if any:
-    training it again would rebuild the same adapter and be rejected again, night after night.
-    Checked before any model is loaded: by the pairs' hash (recorded as ``pairs_hash``; a version
-    from before it was recorded: its data hash, which then was the pairs' hash)."""
+    """The rejected or revoked version trained on exactly these pairs, parameters and base model, if
+    any: training it again would rebuild the same adapter, rejected (or rolled back) again, night
+    after night. Checked before any model is loaded: by the pairs' hash (recorded as ``pairs_hash``; a
+    version from before it was recorded: its data hash, which then was the pairs' hash)."""
     from tasks.train import data_hash, train_params
 
     dhash, params = data_hash(pairs), train_params(settings, kind)
-    for v in reg.list_versions(status="rejected"):
+    for v in [*reg.list_versions(status="rejected"), *reg.list_versions(status="revoked")]:
         recorded = {k: val for k, val in (v.params or {}).items() if k not in ("bank_init", "pairs_hash")}
         same_pairs = (v.params or {}).get("pairs_hash", v.data_hash) == dhash
         if same_pairs and recorded == params and v.base_model_sha256 == base_sha256:
@@ -71,8 +71,8 @@ def train_stage(
         say(progress, f"train: taking up candidate {v.name} left by an earlier run (no retraining)")
         return TrainSummary(version=v.version, resumed=True)
 
-    # The delta: train pairs no shipped version has learned. A rejected version's pairs come back
-    # (with whatever arrived since), so a rejection never loses knowledge for good.
+    # The delta: train pairs no promoted version has learned. A rejected or revoked version's pairs
+    # come back (with whatever arrived since), so neither loses knowledge for good.
     settled = reg.settled_pairs()
     active_train = reg.qa_pairs(split="train")
     delta = [p for p in active_train if p.qa_id not in settled]
@@ -89,9 +89,10 @@ def train_stage(
     base_path, identity = base_model_identity(settings.base_model, settings.model_cache)
     same = rejected_with_same_inputs(reg, pairs, settings, kind, identity["sha256"])
     if same is not None:
+        status = reg.get_version(same).status
         return TrainSummary(
             reason=(
-                f"{same} was trained on exactly these pairs with these parameters and rejected: nothing "
+                f"{same} was trained on exactly these pairs with these parameters and {status}: nothing "
                 f"new to try (add documents, change a parameter, or `moral promote {same} --force`)"
             )
         )

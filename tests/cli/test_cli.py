@@ -9,6 +9,7 @@ import pytest
 from cli.main import main
 from storage.registry import Registry
 from storage.settings import get_settings
+from tests.artifacts import adapter_files
 
 
 def test_versions_json_lists_versions_with_champion_flag(settings, capsys):
@@ -16,7 +17,7 @@ def test_versions_json_lists_versions_with_champion_flag(settings, capsys):
     assert json.loads(capsys.readouterr().out) == []
 
     reg = Registry(settings.registry_path)
-    v1 = reg.create_version(run_id="r1", artifact_uri="/nowhere/a", artifact_sha256="a" * 64)
+    v1 = reg.create_version(run_id="r1", **adapter_files(settings.home / "adapters"))
     reg.decide_version(v1, "promoted", ["ok: test"], actor="test")
     reg.create_version(run_id="r2", parent_version=v1)
     assert main(["versions", "--json"]) == 0

@@ -112,6 +112,25 @@ def test_qa_exclude_by_prefix_keeps_the_pair_out_of_training(home, capsys, tiny_
     [ev] = reg.events(kind="qa.excluded")
     assert ev.actor == "cli" and ev.detail["reason"] == "wrong answer"
 
+    # The index agrees: the pair is excluded there too, so a new pair asking the same is not dropped
+    # as its duplicate (it would never be trained).
+    from storage.records import QAPair
+
+    store = VectorStore(settings)
+    [rec] = store.get(QA_PAIRS, ids=[victim.qa_id])
+    assert rec.metadata["status"] == "excluded"
+    again = QAPair.new(
+        victim.chunk_id, victim.doc_id, "Tell me: " + victim.question, victim.answer, "train"
+    )
+    assert again.qa_id != victim.qa_id
+    reg.add_qa_pairs([again], run_id="run-2")
+    assert index_stage(settings, "run-2").qa_indexed == 1
+    assert reg.qa_pairs(ids=[again.qa_id])[0].status == "active"
+    # A home from before: the index still had it active; the next index stage excludes it there.
+    store.set_metadata(QA_PAIRS, [victim.qa_id], {"status": "active"})
+    assert index_stage(settings, "run-3").excluded_vectors == 1
+    assert store.get(QA_PAIRS, ids=[victim.qa_id])[0].metadata["status"] == "excluded"
+
     tiny = settings.model_copy(
         update={"base_model": str(tiny_model_dir), "epochs": 1, "num_experts": 2, "rank": 2, "batch_size": 4}
     )

@@ -89,3 +89,40 @@ def test_until_stops_after_a_stage_and_the_next_run_picks_up(flow_env, llm_endpo
     assert full["qa_generated"] == 0 and full["version"] == "v1"
     assert full["decision"] in ("promoted", "rejected")
     assert len(Registry(settings.registry_path).list_versions()) == 1
+
+
+def test_a_rerun_after_evaluate_verifies_the_files_and_reuses_only_scores_of_the_same_models(
+    flow_env, llm_endpoint, source_dir
+):
+    """After `--until evaluate` the next run decides on the saved scores, but only after checking
+    the candidate's files (a tampered adapter is never promoted) and only when the scores were made
+    with the same base, candidate and champion (otherwise it evaluates again)."""
+    import json
+    from pathlib import Path
+
+    from storage.home import scores_path
+
+    settings = flow_env
+    partial = run_refresh(RefreshParams(source=str(source_dir), until="evaluate"), quiet=True)
+    assert partial["version"] == "v1" and partial["reasons"] == ["stopped after evaluate"]
+    reg = Registry(settings.registry_path)
+    v1 = reg.get_version(1)
+    saved_path = scores_path(settings, 1)
+    saved = json.loads(saved_path.read_text())
+    assert saved["candidate_sha256"] == v1.artifact_sha256 and saved["champion_version"] is None
+    assert saved["base_sha256"] == v1.base_model_sha256
+
+    weights = next(p for p in Path(v1.artifact_uri).iterdir() if p.suffix == ".safetensors")
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-8] + b"tampered")
+    with pytest.raises(Exception, match="checksum|does not match|tampered|mismatch"):
+        run_refresh(RefreshParams(source=str(source_dir)), quiet=True)
+    assert reg.get_version(1).status == "candidate" and reg.champion() is None  # nothing decided
+
+    weights.write_bytes(original)
+    saved["base_sha256"] = "0" * 64  # as if made with another base model
+    saved_path.write_text(json.dumps(saved))
+    done = run_refresh(RefreshParams(source=str(source_dir)), quiet=True)
+    assert done["status"] == "completed" and done["decision"] in ("promoted", "rejected")
+    assert json.loads(saved_path.read_text())["base_sha256"] == v1.base_model_sha256  # evaluated again
+    assert reg.get_version(1).status == done["decision"]

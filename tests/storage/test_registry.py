@@ -13,6 +13,7 @@ import pytest
 from storage import migrations
 from storage.records import Chunk, Evaluation, QAPair, RegistryError, RegistryLockedError
 from storage.registry import Registry, format_version, parse_version
+from tests.artifacts import adapter_files
 
 SPAWN = mp.get_context("spawn")  # fork would copy this process's DuckDB state and locks
 
@@ -23,7 +24,7 @@ def reg(tmp_path: Path) -> Registry:
 
 
 def _candidate(reg: Registry, **kw) -> int:
-    return reg.create_version(artifact_uri="/a", artifact_sha256="f" * 64, **kw)
+    return reg.create_version(**adapter_files(reg.path.parent / "adapters"), **kw)
 
 
 # --- schema ---------------------------------------------------------------------------------------
@@ -425,3 +426,31 @@ def test_migration_7_gives_every_pair_a_fact_id_and_rederives_question_keys(tmp_
     [p] = reg.qa_pairs()
     assert p.fact_id == fact_id_for("d1", "2.4 kg") and p.split == "eval" and p.qa_id == "q1"
     assert reg.existing_question_norms() == {"what is the price 1150 euros": "q1"}
+
+
+def test_every_way_to_the_champion_verifies_the_files(reg: Registry) -> None:
+    """The gate's decision, a manual promotion, pointing the alias and a rollback all refuse a version
+    whose files no longer match the recorded checksum, and change nothing."""
+    v1, v2 = _candidate(reg), _candidate(reg)
+    reg.decide_version(v1, "promoted", ["gain"])
+    reg.decide_version(v2, "rejected", ["no gain"])
+    v3 = _candidate(reg)
+    tampered = Path(reg.get_version(v3).artifact_uri) / "adapter_config.json"
+    tampered.write_text('{"changed": true}\n')
+    before = (reg.aliases(), [v.status for v in reg.list_versions()], len(reg.events()))
+    with pytest.raises(RegistryError, match="cannot be the champion"):
+        reg.decide_version(v3, "promoted", ["gain"])
+    (Path(reg.get_version(v2).artifact_uri) / "adapter_config.json").unlink()
+    with pytest.raises(RegistryError, match="cannot be the champion"):
+        reg.promote(v2, "ops", "override", force=True)
+    assert (reg.aliases(), [v.status for v in reg.list_versions()], len(reg.events())) == before
+    # A promoted version whose files went away: neither the alias nor a rollback may point at it.
+    v4 = _candidate(reg)
+    reg.decide_version(v4, "promoted", ["gain"])
+    assert reg.champion() == v4
+    (Path(reg.get_version(v1).artifact_uri) / "adapter_config.json").write_text("{}\n")
+    with pytest.raises(RegistryError, match="cannot be the champion"):
+        reg.set_alias("champion", v1)
+    with pytest.raises(RegistryError, match="cannot be the champion"):
+        reg.rollback(to=v1, actor="ops", reason="v4 regressed")
+    assert reg.champion() == v4 and reg.get_version(v4).status == "promoted"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from storage.records import QAPair
 from storage.registry import Registry
+from tests.artifacts import adapter_files
 
 SETS = {
     "set1": ("q7.md", "The Quillfeather Q7 carries 2.4 kg and flies for 42 minutes.", "Q7"),
@@ -37,7 +38,7 @@ def test_third_version_is_evaluated_for_retention_of_the_first_set(settings, emb
         index_stage(s, f"run-{n}")
         eval_by_set[name] = {p.question for p in held}
         versions[name] = reg.create_version(
-            run_id=f"run-{n}", artifact_uri=str(tmp_path / f"a{n}"), artifact_sha256=f"sha-{n}",
+            run_id=f"run-{n}", **adapter_files(tmp_path / "adapters"),
             trained_pairs={p.qa_id: "delta" for p in train},
         )  # fmt: skip
         reg.decide_version(versions[name], "promoted", ["test"], actor="test")

@@ -107,6 +107,21 @@ def test_a_rejected_versions_pairs_are_trained_again_but_never_on_identical_inpu
     settled = train_stage(tiny_settings, "run-4")
     assert settled.version is None and settled.reason.startswith("no new training pairs")
 
+    # A revoked version's pairs come back too: v3 shipped one new pair and was rolled back.
+    add("What does the Quillfeather Q7 carry?", "2.4 kg")
+    third = train_stage(tiny_settings, "run-5")
+    assert third.version == 3 and third.delta_pairs == 1
+    reg.decide_version(3, "promoted", ["gate: better"], actor="test")
+    reg.rollback(actor="test", reason="v3 regressed")
+    assert reg.get_version(3).status == "revoked" and reg.champion() == 2
+    back = train_stage(tiny_settings, "run-6")
+    # ... but exactly v3's inputs again would rebuild v3: refused, with what to do instead.
+    assert back.version is None and "v3 was trained on exactly these pairs" in back.reason
+    assert "revoked" in back.reason
+    add("How heavy a load does the Q7 take?", "2.4 kg")
+    fourth = train_stage(tiny_settings, "run-7")
+    assert fourth.version == 4 and fourth.delta_pairs == 2  # v3's pair is back, plus the new one
+
 
 def test_recorded_params_keep_earlier_keys_and_configs_come_from_settings(tiny_settings):
     """A setting added later is recorded only when it differs from what earlier adapters were trained
