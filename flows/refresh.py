@@ -266,19 +266,52 @@ EMPTY_FIELDS = {
 }  # fmt: skip
 
 
-def run_refresh(params: RefreshParams, quiet: bool = False) -> dict:
-    """Run the flow in this process (Prefect's local mode unless PREFECT_API_URL points at a server)."""
+_EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def quiet_console() -> None:
+    """``--json``: Prefect's console handlers show warnings only. The loggers keep their level, so a
+    run attached to a Prefect server still sends its INFO logs to the API (the UI's run page)."""
     import logging
-    import os
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def run_refresh(params: RefreshParams, quiet: bool = False) -> dict:
+    """Run the flow in this process (Prefect's local mode unless PREFECT_API_URL points at a server).
+
+    In local mode Prefect first starts a temporary API server. Under load it can miss its start
+    timeout (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``, 120 s here): nothing of the run has
+    started then, so the start is tried once more before the run fails with what to do about it."""
+    import sys
 
     if quiet:
-        # --json: stdout carries the summary alone; Prefect's console logs go quiet.
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        logging.getLogger("prefect").setLevel(logging.WARNING)
+        quiet_console()
     settings = settings_for(params)
     token = _RESOLVED.set((params.model_dump_json(), settings))
     try:
-        summary = refresh_flow(settings)(params)
+        for attempt in (1, 2):
+            try:
+                summary = refresh_flow(settings)(params)
+                break
+            except RuntimeError as exc:
+                if _EPHEMERAL_TIMEOUT not in str(exc):
+                    raise
+                if attempt == 2:
+                    raise RuntimeError(
+                        "Prefect's local API server did not start in time, twice (is the machine "
+                        "overloaded?); nothing was run. Set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+                        "higher, or PREFECT_API_URL to a running Prefect server."
+                    ) from exc
+                print(
+                    "Prefect's local API server did not start in time; trying once more (nothing was run)",
+                    file=sys.stderr,
+                )
     finally:
         _RESOLVED.reset(token)
     return {**EMPTY_FIELDS, **summary}

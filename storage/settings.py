@@ -25,6 +25,9 @@ OFFLINE_ENV: dict[str, str] = {
     "TRANSFORMERS_VERBOSITY": "error",
     # transformers draws a "Loading weights" bar per model load: a dozen per refresh in the flow log.
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # Prefect's local (ephemeral) API server gets 20 s to start by default; on a loaded 2-core machine
+    # that is not enough and the run dies before it starts.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 
