@@ -64,6 +64,12 @@ def cmd_versions(args: argparse.Namespace) -> int:
         print(f"{star} {r['version']:>4}  {r['status']:<9}  {str(r['created_at'])[:19]}  {r['kind'] or ''}")
         for reason in r["decision_reasons"]:
             print(f"        {reason}")
+        if (
+            r["status"] == "candidate"
+            and r["decision_reasons"][:1] != []
+            and str(r["decision_reasons"][0]).startswith("awaiting approval")
+        ):
+            print("        WARNING: no new version trains until this one is decided")
     print("(* = champion)")
     return 0
 

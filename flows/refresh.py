@@ -118,6 +118,8 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
             return _finish(reg, summary, started, stopped="index")
         tr = t.train(settings, run_id)
         summary["train"] = asdict(tr)
+        if tr.warning:
+            summary["warnings"] = [*summary.get("warnings", []), tr.warning]
         if tr.version is None:
             summary["reasons"] = [tr.reason or "nothing to train"]
             return _finish(reg, summary, started)

@@ -53,6 +53,8 @@ def summary_text(s: dict) -> str:
     lines.append(f"  decision: {s['decision']}")
     for r in s.get("reasons", []):
         lines.append(f"    {r}")
+    for w in s.get("warnings", []):
+        lines.append(f"  WARNING: {w}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,8 @@ class TrainSummary:
     version: int | None = None
     reason: str | None = None  # why nothing was trained
     resumed: bool = False  # an existing candidate (from a stopped or crashed run) is taken up
+    #: Said loudly in the summary: e.g. new pairs that wait because a candidate awaits approval.
+    warning: str | None = None
     reused_artifact: bool = False
     delta_pairs: int = 0
     replay_pairs: int = 0
@@ -69,7 +71,18 @@ def train_stage(
     if pending:
         v = pending[-1]
         say(progress, f"train: taking up candidate {v.name} left by an earlier run (no retraining)")
-        return TrainSummary(version=v.version, resumed=True)
+        warning = None
+        if v.decision_reasons and v.decision_reasons[0].startswith("awaiting approval"):
+            mine, settled = set(reg.trained_pairs(v.version)), reg.settled_pairs()
+            waiting = [p for p in reg.qa_pairs(split="train") if p.qa_id not in mine | settled]
+            if waiting:
+                warning = (
+                    f"{len(waiting)} new train pairs are not trained: {v.name} awaits approval and no "
+                    f"version trains until it is decided (`moral promote {v.name} --force --reason ...`, "
+                    "or resume its run in the Prefect UI)"
+                )
+                say(progress, f"train: WARNING {warning}")
+        return TrainSummary(version=v.version, resumed=True, warning=warning)
 
     # The delta: train pairs no promoted version has learned. A rejected or revoked version's pairs
     # come back (with whatever arrived since), so neither loses knowledge for good.

@@ -123,6 +123,41 @@ def test_a_rejected_versions_pairs_are_trained_again_but_never_on_identical_inpu
     assert fourth.version == 4 and fourth.delta_pairs == 2  # v3's pair is back, plus the new one
 
 
+def test_a_candidate_awaiting_approval_says_loudly_that_new_pairs_wait(tiny_settings, tmp_path):
+    from storage.records import QAPair as PairRecord
+    from storage.registry import Registry
+    from tasks.stages.ingest import ingest_stage
+    from tasks.stages.train import train_stage
+
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "q7.md").write_text("The Quillfeather Q7 carries 2.4 kg and flies for 42 minutes.\n")
+    ingest_stage(tiny_settings, src, "run-0")
+    reg = Registry.from_settings(tiny_settings)
+    chunk = reg.chunks()[0]
+    reg.add_qa_pairs(
+        [PairRecord.new(chunk.chunk_id, chunk.doc_id, "What does the Q7 carry?", "2.4 kg", "train")]
+    )
+    first = train_stage(tiny_settings, "run-1")
+    reg.hold_for_approval(first.version, ["awaiting approval: nobody resumed the run"], run_id="run-1")
+    again = train_stage(tiny_settings, "run-2")
+    assert again.resumed and again.version == first.version and again.warning is None  # nothing waits
+    reg.add_qa_pairs(
+        [PairRecord.new(chunk.chunk_id, chunk.doc_id, "How long does the Q7 fly?", "42 minutes", "train")]
+    )
+    waiting = train_stage(tiny_settings, "run-3")
+    assert waiting.resumed and waiting.version == first.version
+    assert waiting.warning and waiting.warning.startswith(
+        "1 new train pairs are not trained: v1 awaits approval"
+    )
+    from flows.refresh import EMPTY_FIELDS
+    from tasks.report import summary_text
+
+    text = summary_text({**EMPTY_FIELDS, "run_id": "run-3", "decision": "awaiting approval",
+                         "warnings": [waiting.warning]})  # fmt: skip
+    assert "WARNING: 1 new train pairs are not trained" in text
+
+
 def test_recorded_params_keep_earlier_keys_and_configs_come_from_settings(tiny_settings):
     """A setting added later is recorded only when it differs from what earlier adapters were trained
     with; the trainer's and adapter's configs take every value Settings has for them."""
