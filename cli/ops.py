@@ -95,8 +95,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chroma(args: argparse.Namespace) -> int:
+    from storage.chroma_server import status, stop_chroma_server
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    if args.action == "stop":
+        stopped = stop_chroma_server(settings)
+        result = {"stopped": stopped, **status(settings)}
+        if args.json:
+            print_json(result)
+        else:
+            print("stopped the data home's Chroma server" if stopped else "no Chroma server was running")
+        return 0
+    result = status(settings)
+    if args.json:
+        print_json(result)
+    elif result["mode"] == "external":
+        print(f"MORAL_CHROMA_URL {result['url']}: {'answering' if result['answering'] else 'NOT answering'}")
+    elif result["running"]:
+        print(f"running: pid {result['pid']} on {result['url']} over {result['path']}")
+    else:
+        print(f"not running ({result['path']}); `moral serve` and `moral deploy` start it on demand")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the ``moral`` parser."""
+    p = sub.add_parser(
+        "chroma", help="the data home's shared Chroma server (started by serve/deploy): status or stop"
+    )
+    p.add_argument("action", choices=("status", "stop"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_chroma)
+
     p = sub.add_parser("promote", help="make a version the champion (audited; --force for rejected/revoked)")
     p.add_argument("version", help="version to promote (3 or v3)")
     p.add_argument("--reason", required=True, help="why (required: written to the audit log)")

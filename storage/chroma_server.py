@@ -6,6 +6,11 @@ their flow runs all need the index at once.  When no ``MORAL_CHROMA_URL`` is set
 ``chroma/`` directory (the same files a PersistentClient uses) and writes its pid and port to
 ``chroma-server.json``; later ones find it there and reuse it.  A file lock makes the check-and-start
 atomic across processes, so two callers never start two servers over the same directory.
+
+The server is a per-home daemon: it outlives the process that started it (others share it), and
+``moral chroma status`` / ``moral chroma stop`` show and stop it.  It runs under a small watchdog
+(``python -m storage.chroma_server --watch DIR -- chroma run ...``) that stops it when its index
+directory is deleted, so a removed data home leaves no server behind.
 """
 
 from __future__ import annotations
@@ -54,6 +59,37 @@ def _chroma_executable() -> str:
     return found
 
 
+def _project_path() -> str:
+    root = str(Path(__file__).resolve().parents[1])  # the watchdog imports this module by name
+    rest = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{rest}" if rest else root
+
+
+def watch(directory: str, argv: list[str], poll_s: float = 2.0) -> int:
+    """Run ``argv`` until it exits, until this process gets SIGTERM/SIGINT, or until ``directory``
+    is gone (its data home was deleted); then stop it (SIGTERM, SIGKILL after 10 s)."""
+    import signal
+
+    child = subprocess.Popen(argv)
+    stop = {"now": False}
+
+    def on_signal(_signum, _frame) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while child.poll() is None and not stop["now"] and Path(directory).exists():
+        time.sleep(poll_s)
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return child.returncode or 0
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -94,10 +130,11 @@ def ensure_chroma_server(settings: Settings, timeout_s: float = 60.0) -> str:
         try:
             # start_new_session: the server outlives the process that started it (others share it).
             proc = subprocess.Popen(
-                [_chroma_executable(), "run", "--host", "127.0.0.1", "--port", str(port), "--path",
+                [sys.executable, "-m", "storage.chroma_server", "--watch", str(settings.chroma_path), "--",
+                 _chroma_executable(), "run", "--host", "127.0.0.1", "--port", str(port), "--path",
                  str(settings.chroma_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
+                env={**os.environ, "ANONYMIZED_TELEMETRY": "False", "PYTHONPATH": _project_path()},
             )  # fmt: skip
         finally:
             log.close()
@@ -129,3 +166,20 @@ def stop_chroma_server(settings: Settings, timeout_s: float = 10.0) -> bool:
         time.sleep(0.1)
     (settings.home / STATE_FILE).unlink(missing_ok=True)
     return True
+
+
+def status(settings: Settings) -> dict:
+    """What ``moral chroma status`` shows: the recorded server, whether it is alive and answering."""
+    if settings.chroma_url:
+        return {"mode": "external", "url": settings.chroma_url, "answering": heartbeat(settings.chroma_url)}
+    server = running_server(settings)
+    if server is not None:
+        return {"mode": "server", "running": True, "pid": server.pid, "url": server.url, "path": server.path}
+    return {"mode": "server", "running": False, "path": str(settings.chroma_path)}
+
+
+if __name__ == "__main__":  # the watchdog: python -m storage.chroma_server --watch DIR -- ARGV...
+    args = sys.argv[1:]
+    if len(args) < 4 or args[0] != "--watch" or args[2] != "--":
+        sys.exit("usage: python -m storage.chroma_server --watch DIR -- COMMAND [ARGS...]")
+    sys.exit(watch(args[1], args[3:]))

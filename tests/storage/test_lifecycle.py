@@ -263,3 +263,39 @@ def test_chroma_server_is_started_once_shared_and_keeps_the_data(settings) -> No
         ensure_chroma_server(settings.model_copy(update={"chroma_url": "http://chroma:8000"}))
         == "http://chroma:8000"
     )
+
+
+def test_chroma_server_status_stop_and_no_orphan_over_a_deleted_home(settings, capsys) -> None:
+    """The per-home Chroma server is shown and stopped by `moral chroma`, and it stops by itself when
+    its data home's index directory is deleted (before, such servers ran on as orphans)."""
+    import json
+    import shutil
+    import time
+
+    from cli.main import main
+    from storage.chroma_server import ensure_chroma_server, heartbeat, running_server, stop_chroma_server
+    from storage.lock import pid_alive
+
+    assert main(["chroma", "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["running"] is False
+    url = ensure_chroma_server(settings)
+    try:
+        assert main(["chroma", "status", "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["running"] and shown["url"] == url
+        assert main(["chroma", "stop"]) == 0
+        assert "stopped" in capsys.readouterr().out and not heartbeat(url)
+
+        url = ensure_chroma_server(settings)
+        pid = running_server(settings).pid
+        shutil.rmtree(settings.chroma_path)  # the data home's index is deleted under the server
+        deadline = time.monotonic() + 30
+        while (pid_alive(pid) or heartbeat(url)) and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # this process started it: reap it
+            except ChildProcessError:
+                pass
+            time.sleep(0.5)
+        assert not heartbeat(url) and not pid_alive(pid)
+    finally:
+        stop_chroma_server(settings)
