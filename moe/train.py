@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.base_model import pick_device
-from moe.infer import IGNORE, encode_chat, model_device, pad_batch, token_nll
+from moe.infer import IGNORE, encode_chat, encode_plain, model_device, pad_batch, token_nll
 
 
 @dataclass
@@ -70,7 +70,14 @@ class Example:
     """One training example: a chat QA pair (loss on the answer), open-book when `context` is given, or
     plain `text` (a document passage: no chat template, loss on every token). `sample_group` selects the
     expert group in LoRAMoE-style balancing (0 = world knowledge / default); `weight` multiplies the
-    example's token losses (e.g. < 1 for replay pairs)."""
+    example's token losses (e.g. < 1 for replay pairs).
+
+    ``distill``: the loss at the answer positions is the KL divergence from the *base model's* whole
+    next-token distribution (the same model with its adapter disabled, which needs a
+    ``disable_adapter()`` context manager, as MoRAL and peft models have) instead of the answer's
+    NLL: the adapter is taught to leave the prediction where it was, not only its greedy answer.
+    ``plain``: the pair is rendered as plain 'Question: ...\nAnswer: ...' text instead of the chat
+    template (the format-neutral prompt of ``moe.infer.answer_nll(chat=False)``)."""
 
     question: str = ""
     answer: str = ""
@@ -79,6 +86,8 @@ class Example:
     sample_group: int = 0
     weight: float = 1.0
     text: str | None = None
+    distill: bool = False
+    plain: bool = False
 
 
 @dataclass
@@ -116,7 +125,12 @@ def format_example(tokenizer, ex: Example, max_length: int) -> dict[str, list[in
             ids = ids + [tokenizer.eos_token_id]
         ids = ids[:max_length]
         return {"input_ids": ids, "labels": list(ids)}
-    prompt, comp, n_target = encode_chat(tokenizer, ex.question, ex.answer, ex.context, ex.system)
+    if ex.plain:
+        if ex.context is not None:
+            raise ValueError("a plain-format example has no context")
+        prompt, comp, n_target = encode_plain(tokenizer, ex.question, ex.answer)
+    else:
+        prompt, comp, n_target = encode_chat(tokenizer, ex.question, ex.answer, ex.context, ex.system)
     comp = comp[: min(n_target, max_length)]  # drop template trailers after the end-of-turn token
     n_target = len(comp)
     prompt = prompt[max(0, len(prompt) + len(comp) - max_length) :]
@@ -186,25 +200,52 @@ def _autocast(device: torch.device, cfg: TrainConfig):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _kl_from_base(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_base || p_model) per position, summed over the vocabulary: [..., V] -> [...]."""
+    base_logp = F.log_softmax(base_logits.float(), dim=-1)
+    return (base_logp.exp() * (base_logp - F.log_softmax(logits.float(), dim=-1))).sum(-1)
+
+
 def _micro_loss(
-    model, batch: dict, weights: torch.Tensor, extra: dict
+    model, batch: dict, weights: torch.Tensor, extra: dict, distill: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sum over target tokens of weight*NLL (not yet normalised), and the model's aux loss if any."""
+    """Sum over target tokens of weight*loss (not yet normalised), and the model's aux loss if any.
+
+    The loss of a target token is its NLL, or for a row of ``distill`` ([B] bool) the KL divergence
+    from the base model's distribution at that position (the base forward runs first, without
+    gradient and on those rows only, so the aux loss read afterwards is the adapter's)."""
     labels = batch["labels"]
     keep = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)  # positions that predict a target
-    if _keeps_logits(model) and keep.numel() < 0.9 * (labels.shape[1] - 1):
-        # The LM head (49k-wide for SmolLM2) runs only where a target is predicted: an open-book
-        # example is ~450 prompt tokens and ~15 answer tokens, and its full logits cost more than the
-        # rest of the step.
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, **extra
-        )
+    sliced = _keeps_logits(model) and keep.numel() < 0.9 * (labels.shape[1] - 1)
+    # The LM head (49k-wide for SmolLM2) runs only where a target is predicted when `sliced`: an
+    # open-book example is ~450 prompt tokens and ~15 answer tokens, and its full logits cost more
+    # than the rest of the step.
+    kwargs = {"logits_to_keep": keep} if sliced else {}
+    rows = distill.nonzero().squeeze(1) if distill is not None and bool(distill.any()) else None
+    base_logits = None
+    if rows is not None:
+        off = getattr(model, "disable_adapter", None)
+        if not callable(off):
+            raise ValueError("distill examples need a model with a disable_adapter() context manager")
+        sub = {k: v[rows] for k, v in extra.items()}
+        with torch.no_grad(), off():
+            base_logits = model(
+                input_ids=batch["input_ids"][rows],
+                attention_mask=batch["attention_mask"][rows],
+                **kwargs,
+                **sub,
+            ).logits
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs, **extra)
+    if sliced:
         logits = out.logits.float()  # [b, len(keep), V]
         targets = labels[:, 1:][:, keep]
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     else:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-        nll = token_nll(out.logits, labels)  # [b, T-1], zero on ignored positions
+        logits, targets = out.logits[:, :-1].float(), labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    if rows is not None:
+        base = base_logits if sliced else base_logits[:, :-1]
+        kl = _kl_from_base(base, logits[rows]) * (targets[rows] != IGNORE)
+        nll = nll.index_copy(0, rows, kl)
     lm_sum = (nll.sum(1) * weights).sum()
     aux_fn = getattr(model, "aux_loss", None)
     aux = aux_fn() if callable(aux_fn) else None
@@ -216,7 +257,7 @@ def _encode_all(tokenizer, examples: Sequence[Example], max_length: int) -> list
     for ex in examples:
         enc = format_example(tokenizer, ex, max_length)
         enc["n_target"] = sum(1 for t in enc["labels"][1:] if t != IGNORE)  # positions scored after the shift
-        enc["group"], enc["weight"] = ex.sample_group, ex.weight
+        enc["group"], enc["weight"], enc["distill"] = ex.sample_group, ex.weight, ex.distill
         encoded.append(enc)
     return encoded
 
@@ -230,7 +271,10 @@ def _collate(
     extra = {}
     if with_group:
         extra["sample_group"] = torch.tensor([it["group"] for it in items], dtype=torch.long, device=device)
-    return batch, weights, extra
+    distill = None
+    if any(it["distill"] for it in items):
+        distill = torch.tensor([it["distill"] for it in items], dtype=torch.bool, device=device)
+    return batch, weights, extra, distill
 
 
 def train(
@@ -330,9 +374,9 @@ def train(
             step_lm, step_aux = zero.clone(), zero.clone()
             for mb in window:
                 items = [encoded[i] for i in mb]
-                batch, weights, extra = _collate(items, pad_id, device, with_group)
+                batch, weights, extra, distill = _collate(items, pad_id, device, with_group)
                 with _autocast(device, cfg):
-                    lm_sum, aux = _micro_loss(model, batch, weights, extra)
+                    lm_sum, aux = _micro_loss(model, batch, weights, extra, distill)
                 lm = lm_sum / n_step_targets  # this micro-batch's share of the step's mean
                 loss = lm if aux is None else lm + aux / len(window)
                 loss.backward()
@@ -405,7 +449,7 @@ def evaluate_loss(
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, len(encoded), batch_size):
         items = encoded[i : i + batch_size]
-        batch, _, _ = _collate(items, pad_id, device, with_group=False)
+        batch, _, _, _ = _collate(items, pad_id, device, with_group=False)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total += token_nll(logits, batch["labels"]).sum().double()
         count += sum(it["n_target"] for it in items)

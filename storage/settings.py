@@ -158,6 +158,13 @@ class Settings(BaseSettings):
         description="General prompts answered by the base model itself, per new train pair "
         "(self-distillation replay: keeps general answers where they were; at most replay_general_size).",
     )
+    replay_kl: bool = Field(
+        True,
+        description="Self-distillation replay matches the base model's whole next-token distribution "
+        "(KL, the adapter disabled) along its answer, half the prompts in the plain Question/Answer "
+        "format, instead of training on the greedy answer's tokens: the adapter leaves unrelated "
+        "prompts where they were in both formats.",
+    )
     replay_general_size: int = Field(
         120, ge=0, le=400, description="The fixed general prompts self-distillation replay draws from."
     )

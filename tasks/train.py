@@ -40,7 +40,9 @@ EXAMPLE_KINDS = ("closed", "open_book", "distractors", "document", "general", "d
 class TrainExample:
     """One example the trainer sees: a QA pair closed-book, open-book (``context``: its chunk among
     distractors) or with distractors only; a document chunk's ``text``; or a general prompt answered
-    by the base model itself.  ``ref`` names its source (qa_id, chunk_id or the prompt)."""
+    by the base model itself.  ``ref`` names its source (qa_id, chunk_id or the prompt).
+    ``distill`` and ``plain`` as in :class:`moe.train.Example` (a general prompt matched to the base
+    model's distribution, in the chat or the plain format)."""
 
     kind: str
     ref: str
@@ -49,6 +51,8 @@ class TrainExample:
     context: str | None = None
     text: str | None = None
     group: int = 0
+    distill: bool = False
+    plain: bool = False
 
 
 @dataclass
@@ -77,8 +81,10 @@ def examples_hash(examples: Sequence[TrainExample]) -> str | None:
     if not rest:
         return None
     h = hashlib.sha256()
-    for e in sorted(rest, key=lambda e: (e.kind, e.ref)):
-        h.update(json.dumps([e.kind, e.ref, e.question, e.answer, e.context, e.text, e.group]).encode())
+    for e in sorted(rest, key=lambda e: (e.kind, e.ref, e.plain)):
+        row = [e.kind, e.ref, e.question, e.answer, e.context, e.text, e.group]
+        row += [flag for flag, on in (("distill", e.distill), ("plain", e.plain)) if on]  # old rows unchanged
+        h.update(json.dumps(row).encode())
     return h.hexdigest()
 
 
@@ -100,6 +106,7 @@ ADDED_LATER = {
     "mix_distractors_only": 0.0,
     "mix_document_text": False,
     "mix_general": 0.0,
+    "replay_kl": False,
 }
 ADDED_LATER_MORAL = {"loramoe": False}
 
@@ -154,7 +161,10 @@ def build_examples(
       passage, answered as trained;
     * with ``mix_document_text``, ``documents`` — (chunk_id, text) of the new documents' chunks — as text;
     * ``mix_general`` × the new pairs of ``general`` — (prompt, the base model's own answer) — as
-      retained knowledge (group 1);
+      retained knowledge (group 1); with ``replay_kl`` each is matched to the base model's whole
+      next-token distribution along that answer (KL, not the answer's NLL), and every other one (by
+      a hash of the prompt) is asked in the plain 'Question/Answer' format instead of the chat one,
+      so that neither format drifts;
     * ``dev`` — (qa_id, question, answer) of dev pairs, held-out wordings of trained facts that
       share no fact with eval — as ``dev`` examples: not trained, they choose the checkpoint
       (strict recall, closed-book).
@@ -177,7 +187,12 @@ def build_examples(
     if settings.mix_document_text:
         out += [TrainExample("document", cid, text=text) for cid, text in documents if text.strip()]
     n_general = min(len(general), round(settings.mix_general * len(new)))
-    out += [TrainExample("general", q, q, a, group=1) for q, a in general[:n_general] if a.strip()]
+    kl = settings.replay_kl
+    out += [
+        TrainExample("general", q, q, a, group=1, distill=kl, plain=kl and _share("plain", q) < 0.5)
+        for q, a in general[:n_general]
+        if a.strip()
+    ]
     out += [TrainExample("dev", qa_id, q, a) for qa_id, q, a in dev]
     return out
 
@@ -305,7 +320,15 @@ def train_candidate(
         model = make_lora_model(base, rank=settings.rank, alpha=settings.alpha)
 
     trained = [
-        Example(question=e.question, answer=e.answer, context=e.context, text=e.text, sample_group=e.group)
+        Example(
+            question=e.question,
+            answer=e.answer,
+            context=e.context,
+            text=e.text,
+            sample_group=e.group,
+            distill=e.distill,
+            plain=e.plain,
+        )
         for e in examples
         if e.kind != "dev"
     ]

@@ -119,9 +119,7 @@ def test_qa_exclude_by_prefix_keeps_the_pair_out_of_training(home, capsys, tiny_
     store = VectorStore(settings)
     [rec] = store.get(QA_PAIRS, ids=[victim.qa_id])
     assert rec.metadata["status"] == "excluded"
-    again = QAPair.new(
-        victim.chunk_id, victim.doc_id, "Tell me: " + victim.question, victim.answer, "train"
-    )
+    again = QAPair.new(victim.chunk_id, victim.doc_id, "Tell me: " + victim.question, victim.answer, "train")
     assert again.qa_id != victim.qa_id
     reg.add_qa_pairs([again], run_id="run-2")
     assert index_stage(settings, "run-2").qa_indexed == 1

@@ -267,7 +267,7 @@ def test_loss_on_kept_logits_equals_the_full_loss(tok):
     model = tiny_llama(len(tok))
     examples = [Example("word " * 30 + "What colour is the gem?", "Teal."), Example("Short?", "Yes.")]
     items = _encode_all(tok, examples, 256)
-    batch, weights, extra = _collate(items, tok.pad_token_id, torch.device("cpu"), False)
+    batch, weights, extra, _ = _collate(items, tok.pad_token_id, torch.device("cpu"), False)
     kept, _ = _micro_loss(model, batch, weights, extra)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     from moe.infer import token_nll
@@ -305,3 +305,86 @@ def test_kept_logits_reach_the_hf_model_through_moral_and_peft(tok):
     assert _keeps_logits(tiny_llama(len(tok)))
     assert _keeps_logits(MoRALModel(tiny_llama(len(tok)), MoRALConfig(num_experts=2, top_k=1, rank=2)))
     assert _keeps_logits(make_lora_model(tiny_llama(len(tok)), rank=2))
+
+
+# --- distillation to the base model (replay that keeps general prompts where they were) -----------
+def _nonzero_adapter(model, seed: int = 5, scale: float = 0.05) -> None:
+    """Move every trainable tensor off its (output-preserving) initialisation."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize("kind", ["moral", "lora"])
+def test_distill_loss_is_the_kl_from_the_base_model(tok, kind):
+    """A distill row's loss is KL(base || model) at its answer positions: 0 where the adapter changes
+    nothing, the exact KL once it does, and plain rows are scored in the neutral format."""
+    from moe.infer import encode_plain
+    from moe.train import _collate, _encode_all, _kl_from_base, _micro_loss
+
+    model = _moral(tok) if kind == "moral" else make_lora_model(tiny_llama(len(tok)), rank=4)
+    model.eval()  # no LoRA dropout: the two computations below see the same function
+    examples = [Example("What colour is the gem?", "Teal.", distill=True), Example("Short?", "Yes.")]
+    plain = Example("Who wrote it?", "Mara Quill.", distill=True, plain=True)
+    enc = format_example(tok, plain, 256)
+    p_ids, c_ids, _ = encode_plain(tok, plain.question, plain.answer)
+    assert enc["input_ids"] == p_ids + c_ids and [t for t in enc["labels"] if t != -100] == c_ids
+    items = _encode_all(tok, [*examples, plain], 256)
+    batch, weights, extra, distill = _collate(items, tok.pad_token_id, torch.device("cpu"), False)
+    assert distill.tolist() == [True, False, True]
+    # At initialisation the adapter's output is the base model's: the distill rows contribute 0.
+    only = {k: v[[0, 2]] for k, v in batch.items()}
+    zero, _ = _micro_loss(model, only, weights[[0, 2]], extra, distill[[0, 2]])
+    assert zero.item() == pytest.approx(0.0, abs=1e-6)
+    _nonzero_adapter(model)
+    loss, _ = _micro_loss(model, batch, weights, extra, distill)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with model.disable_adapter():
+            base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    from moe.infer import token_nll
+
+    mask = batch["labels"][:, 1:] != -100
+    kl = _kl_from_base(base[:, :-1], logits[:, :-1]) * mask
+    nll = token_nll(logits, batch["labels"])
+    expected = kl[0].sum() + nll[1].sum() + kl[2].sum()
+    assert kl[0].sum() > 1e-4 and torch.allclose(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_distill_training_pulls_a_moved_adapter_back_to_the_base(tok):
+    """The distill loss's gradient leads back to the base model's distribution on the prompts it
+    sees: an adapter moved off its initialisation, trained on distill rows only, ends with a much
+    smaller KL from the base there; trained on the same rows' answer tokens it does not."""
+    from moe.train import _collate, _encode_all, _kl_from_base
+
+    general = [(f"Name a colour number {i}.", "Blue.") for i in range(8)]
+    items = _encode_all(tok, [Example(q, a) for q, a in general], 256)
+    batch, _, _, _ = _collate(items, tok.pad_token_id, torch.device("cpu"), False)
+    mask = batch["labels"][:, 1:] != -100
+
+    def kl(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with model.disable_adapter():
+                base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return float((_kl_from_base(base[:, :-1], logits[:, :-1]) * mask).sum() / mask.sum())
+
+    def run(distill: bool) -> tuple[float, float]:
+        model = _moral(tok, seed=1)
+        _nonzero_adapter(model, seed=2, scale=0.5)
+        before = kl(model)
+        examples = [Example(q, a, distill=distill) for q, a in general]
+        train(model, tok, examples, _cfg(epochs=20, batch_size=4, learning_rate=2e-2, warmup_ratio=0.0))
+        return before, kl(model)
+
+    (before, distilled), (_, answered) = run(True), run(False)
+    assert before > 1e-3
+    assert distilled < 0.2 * before and answered > distilled * 5
+
+
+def test_distill_needs_a_model_that_can_disable_its_adapter(tok):
+    with pytest.raises(ValueError, match="disable_adapter"):
+        train(tiny_llama(len(tok)), tok, [Example("Q?", "A.", distill=True)], _cfg(epochs=1))

@@ -91,6 +91,24 @@ def test_switched_off_kinds_leave_closed_book_pairs_only_and_the_old_hash():
     assert train_params(Settings())["mix_open_book"] == Settings().mix_open_book
 
 
+def test_general_replay_is_distilled_in_both_formats_and_recorded():
+    """With replay_kl (the default) every general example is matched to the base model's distribution
+    and about half are asked in the plain format; the switch changes the examples' hash and is
+    recorded in the params only when on (older adapters were trained without it)."""
+    ps = pairs(40)
+    on = [e for e in build(Settings(mix_general=0.25), ps) if e.kind == "general"]
+    assert len(on) == 10 and all(e.distill for e in on)
+    assert 2 <= sum(e.plain for e in on) <= 8
+    off_settings = Settings(mix_general=0.25, replay_kl=False)
+    off = [e for e in build(off_settings, ps) if e.kind == "general"]
+    assert not any(e.distill or e.plain for e in off)
+    assert [(e.question, e.answer) for e in off] == [(e.question, e.answer) for e in on]
+    assert training_data_hash(ps, build(off_settings, ps)) != training_data_hash(
+        ps, build(Settings(mix_general=0.25), ps)
+    )
+    assert train_params(Settings())["replay_kl"] is True and "replay_kl" not in train_params(off_settings)
+
+
 def test_replay_pairs_never_open_book():
     settings = Settings(mix_open_book=1.0, mix_distractors_only=1.0)
     ps = [TrainPair("old", "Old question?", "2.4 kg", group=1)]
