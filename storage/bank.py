@@ -42,7 +42,8 @@ class BankEntry:
     version: int | None = None  # version entries: the version ...
     expert: int | None = None  # ... and which of its experts
     id: int | None = None  # external entries: the table id
-    weights_sha256: str | None = None
+    weights_sha256: str | None = None  # external entries: the weights file's checksum when registered
+    artifact_sha256: str | None = None  # version entries: the version's recorded artifact checksum
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class BankEntry:
             "expert": self.expert,
             "id": self.id,
             "weights_sha256": self.weights_sha256,
+            "artifact_sha256": self.artifact_sha256,
         }
 
 
@@ -145,10 +147,11 @@ class BankMixin(Database):
         with self.transaction() as con:
             if source in (None, "version"):
                 rows = con.execute(
-                    "SELECT version, artifact_uri, base_model_sha256, params, created_at FROM adapter_versions "
+                    "SELECT version, artifact_uri, base_model_sha256, params, created_at, artifact_sha256 "
+                    "FROM adapter_versions "
                     "WHERE status = 'promoted' AND kind = 'moral' AND artifact_uri IS NOT NULL ORDER BY version"
                 ).fetchall()
-                for version, uri, sha, params, created in rows:
+                for version, uri, sha, params, created, artifact_sha in rows:
                     params = json.loads(params) if isinstance(params, str) else (params or {})
                     # The saved config wins: a warm-started version keeps its parent's expert count.
                     params = {**params, **_saved_config(uri)}
@@ -166,6 +169,7 @@ class BankMixin(Database):
                                 created_at=created,
                                 version=version,
                                 expert=e,
+                                artifact_sha256=artifact_sha,
                             )
                         )
             if source in (None, "external"):

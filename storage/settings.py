@@ -160,10 +160,9 @@ class Settings(BaseSettings):
     )
     replay_kl: bool = Field(
         True,
-        description="Self-distillation replay matches the base model's whole next-token distribution "
-        "(KL, the adapter disabled) along its answer, half the prompts in the plain Question/Answer "
-        "format, instead of training on the greedy answer's tokens: the adapter leaves unrelated "
-        "prompts where they were in both formats.",
+        description="Self-distillation replay also asks each general prompt in the plain "
+        "Question/Answer format, matched to the base model's whole next-token distribution there "
+        "(KL, the adapter disabled): the plain-format knowledge the world check reads stays put.",
     )
     replay_general_size: int = Field(
         120, ge=0, le=400, description="The fixed general prompts self-distillation replay draws from."

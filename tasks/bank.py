@@ -175,8 +175,26 @@ def add_external(
 # loading entries as LoRAs
 
 
-def load_entry(entry: BankEntry) -> LoRA:
-    """The entry's LoRA tensors: an expert sliced out of a MoRAL version, or a peft adapter as saved."""
+def _verify_version_files(entry: BankEntry, verified: set[tuple[str, str | None]]) -> None:
+    """A version entry's files against the version's recorded checksum (the check every loader of a
+    version runs: ``storage.artifacts.verify_uri``); ``verified`` holds the directories already
+    checked by this caller, so a version's experts cost one check, not one each."""
+    from storage.artifacts import ArtifactError, verify_uri
+
+    if (entry.path, entry.artifact_sha256) in verified:
+        return
+    try:
+        verify_uri(entry.path, entry.artifact_sha256, label=f"bank entry {entry.name}")
+    except ArtifactError as exc:
+        raise BankError(str(exc)) from exc
+    verified.add((entry.path, entry.artifact_sha256))
+
+
+def load_entry(entry: BankEntry, verified: set[tuple[str, str | None]] | None = None) -> LoRA:
+    """The entry's LoRA tensors: an expert sliced out of a MoRAL version, or a peft adapter as saved.
+    Both are checksum-verified first (the version's recorded artifact checksum, the external
+    adapter's weights as registered): unverified weights never seed a new adapter.  ``verified``
+    (the caller's, across entries) spares re-checking a version's files for each of its experts."""
     from safetensors.torch import load_file
 
     from moe.bank import version_expert_loras
@@ -188,6 +206,7 @@ def load_entry(entry: BankEntry) -> LoRA:
         if entry.weights_sha256 and sha256_file(directory / WEIGHTS_NAME) != entry.weights_sha256:
             raise BankError(f"{directory}: the adapter's weights changed since it was registered")
         return read_peft_lora(directory)
+    _verify_version_files(entry, set() if verified is None else verified)
     cfg = MoRALConfig.load(directory)
     experts = version_expert_loras(
         load_file(str(directory / WEIGHTS_NAME)), cfg.num_experts, cfg.rank, cfg.scaling
@@ -290,9 +309,10 @@ def select_from_bank(
     from moe.model import MoRALModel
 
     loras, usable, skipped = [], [], []
+    verified: set[tuple[str, str | None]] = set()
     for entry in entries:
         try:
-            lora = load_entry(entry)
+            lora = load_entry(entry, verified)
         except (OSError, ValueError) as exc:  # a moved or changed adapter is skipped, with the reason
             skipped.append({"name": entry.name, "reason": str(exc)})
             continue

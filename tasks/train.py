@@ -161,10 +161,10 @@ def build_examples(
       passage, answered as trained;
     * with ``mix_document_text``, ``documents`` — (chunk_id, text) of the new documents' chunks — as text;
     * ``mix_general`` × the new pairs of ``general`` — (prompt, the base model's own answer) — as
-      retained knowledge (group 1); with ``replay_kl`` each is matched to the base model's whole
-      next-token distribution along that answer (KL, not the answer's NLL), and every other one (by
-      a hash of the prompt) is asked in the plain 'Question/Answer' format instead of the chat one,
-      so that neither format drifts;
+      retained knowledge (group 1), in the chat format on the answer's tokens; with ``replay_kl``
+      each is also asked in the plain 'Question/Answer' format and matched there to the base
+      model's whole next-token distribution along that answer (KL): the chat answers keep the
+      chat format's general answers, the distribution keeps the plain format's knowledge;
     * ``dev`` — (qa_id, question, answer) of dev pairs, held-out wordings of trained facts that
       share no fact with eval — as ``dev`` examples: not trained, they choose the checkpoint
       (strict recall, closed-book).
@@ -187,12 +187,10 @@ def build_examples(
     if settings.mix_document_text:
         out += [TrainExample("document", cid, text=text) for cid, text in documents if text.strip()]
     n_general = min(len(general), round(settings.mix_general * len(new)))
-    kl = settings.replay_kl
-    out += [
-        TrainExample("general", q, q, a, group=1, distill=kl, plain=kl and _share("plain", q) < 0.5)
-        for q, a in general[:n_general]
-        if a.strip()
-    ]
+    replayed = [(q, a) for q, a in general[:n_general] if a.strip()]
+    out += [TrainExample("general", q, q, a, group=1) for q, a in replayed]
+    if settings.replay_kl:
+        out += [TrainExample("general", q, q, a, group=1, distill=True, plain=True) for q, a in replayed]
     out += [TrainExample("dev", qa_id, q, a) for qa_id, q, a in dev]
     return out
 

@@ -178,6 +178,45 @@ def test_selection_scores_chooses_and_records(tiny, tiny_model_dir, tmp_path):
     assert select_from_bank(tiny, [], examples, tiny_model_dir, 4)[0] is None
 
 
+def test_a_promoted_versions_experts_are_verified_before_they_seed(tiny, tiny_model_dir, tmp_path):
+    """Bank entries from promoted versions are checked against the version's recorded checksum, as
+    external ones are against theirs: changed weights or a missing checksum skip the entry, with
+    the reason, and the selection goes on with what verifies."""
+    from tasks.bank import BankError, add_external
+
+    reg = Registry.from_settings(tiny)
+    train, _ = _seed_registry(reg)
+    sha = model_identity(tiny_model_dir)["sha256"]
+    out = train_candidate(
+        tiny, tiny_model_dir, sha, [TrainPair(p.qa_id, p.question, p.answer) for p in train]
+    )
+    v1 = reg.create_version(run_id="r0", base_model_sha256=sha, artifact_uri=str(out.artifact_dir),
+                            artifact_sha256=out.sha256, params=out.params)  # fmt: skip
+    reg.decide_version(v1, "promoted", ["test"], actor="test")
+    add_external(reg, tiny, save_peft_lora(tiny_model_dir, tmp_path / "ext", rank=2), name="ext")
+    entries = reg.bank_entries(base_model_sha256=sha)
+    assert entries[0].artifact_sha256 == out.sha256
+    load_entry(entries[0])  # verifies
+
+    weights = out.artifact_dir / "adapter_model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF  # one byte of one tensor
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(BankError, match="bank entry v1/e0"):
+        load_entry(entries[0])
+    examples = dev_examples(reg, train, tiny.bank_k, tiny.seed)
+    selection, why = select_from_bank(tiny, entries, examples, tiny_model_dir, num_experts=4)
+    assert selection is not None and why == "ok"
+    assert [c.name for c in selection.candidates] == ["ext"]
+    assert [s["name"] for s in selection.skipped] == ["v1/e0", "v1/e1", "v1/e2", "v1/e3"]
+    assert all("bank entry" in s["reason"] for s in selection.skipped)
+    # A version entry without a recorded checksum is never trusted either.
+    from dataclasses import replace
+
+    with pytest.raises(BankError, match="no checksum recorded"):
+        load_entry(replace(entries[0], artifact_sha256=None))
+
+
 def test_train_stage_initialises_from_the_bank(tiny, tiny_model_dir):
     from tasks.stages.train import train_stage
 

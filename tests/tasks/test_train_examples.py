@@ -55,7 +55,10 @@ def test_every_kind_is_made_in_its_share():
     examples = build(settings, ps)
     counts = example_counts(examples)
     assert (
-        counts["closed"] == 80 and counts["document"] == 2 and counts["general"] == 8 and counts["dev"] == 1
+        counts["closed"] == 80
+        and counts["document"] == 2
+        and counts["general"] == 2 * 8
+        and counts["dev"] == 1
     )
     assert 28 <= counts["open_book"] <= 52 and 10 <= counts["distractors"] <= 30  # hash shares of 80
     for e in examples:
@@ -92,17 +95,19 @@ def test_switched_off_kinds_leave_closed_book_pairs_only_and_the_old_hash():
 
 
 def test_general_replay_is_distilled_in_both_formats_and_recorded():
-    """With replay_kl (the default) every general example is matched to the base model's distribution
-    and about half are asked in the plain format; the switch changes the examples' hash and is
-    recorded in the params only when on (older adapters were trained without it)."""
+    """With replay_kl (the default) every general prompt is trained on its base answer in the chat
+    format, as without it, and also distilled in the plain format; the switch changes the examples'
+    hash and is recorded in the params only when on (older adapters were trained without it)."""
     ps = pairs(40)
     on = [e for e in build(Settings(mix_general=0.25), ps) if e.kind == "general"]
-    assert len(on) == 10 and all(e.distill for e in on)
-    assert 2 <= sum(e.plain for e in on) <= 8
+    chat, plain = [e for e in on if not e.plain], [e for e in on if e.plain]
+    assert (
+        len(chat) == len(plain) == 10 and all(e.distill for e in plain) and not any(e.distill for e in chat)
+    )
+    assert [(e.question, e.answer) for e in plain] == [(e.question, e.answer) for e in chat]
     off_settings = Settings(mix_general=0.25, replay_kl=False)
     off = [e for e in build(off_settings, ps) if e.kind == "general"]
-    assert not any(e.distill or e.plain for e in off)
-    assert [(e.question, e.answer) for e in off] == [(e.question, e.answer) for e in on]
+    assert off == chat
     assert training_data_hash(ps, build(off_settings, ps)) != training_data_hash(
         ps, build(Settings(mix_general=0.25), ps)
     )
