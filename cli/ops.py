@@ -1,8 +1,11 @@
-"""Operations: ``moral promote``, ``moral rollback``, ``moral deploy``, ``moral serve``, ``moral gc``, ``moral backup``."""
+"""Operations: ``moral promote``, ``moral rollback``, ``moral deploy``, ``moral serve``, ``moral preflight``,
+``moral gc``, ``moral backup``."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Mapping
 
 from cli.util import cli_actor, print_json
 
@@ -87,6 +90,28 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def placeholders(environ: Mapping[str, str]) -> list[str]:
+    """Names of the variables still holding .env.example's ``CHANGE-ME`` placeholder."""
+    from storage.settings import PLACEHOLDER
+
+    return sorted(k for k, v in environ.items() if PLACEHOLDER in v)
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """The compose stack's first service: refuse to start anything while a secret is a placeholder."""
+    import os
+
+    left = placeholders(os.environ)
+    if left:
+        print(
+            "error: replace the CHANGE-ME placeholders in .env before starting the stack: " + ", ".join(left),
+            file=sys.stderr,
+        )
+        return 1
+    print("preflight: no placeholder secrets")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import run_server
     from storage.settings import get_settings
@@ -165,6 +190,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=1, help="flow runs at once in this process (default 1)")
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser(
+        "preflight",
+        help="check the environment before a deployment starts (compose runs it first): "
+        "refuses CHANGE-ME placeholder secrets",
+    )
+    p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser(
         "serve",

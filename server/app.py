@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.model import BASE, Answerer, Engine, VersionNotFound, VersionNotLoadable
 from storage.registry import RegistryLockedError
-from storage.settings import Settings
+from storage.settings import PLACEHOLDER, Settings
 
 MODEL_ID = "moral-refresh"
 VERSION_HEADER = "X-Moral-Adapter-Version"
@@ -306,12 +306,53 @@ def run_generation(
 
 
 # ------------------------------------------------------------------------------------------- the app
+#: Routes that need no key when one is set: the container health check.
+OPEN_PATHS = frozenset({"/health"})
+
+
+class ServeConfigError(ValueError):
+    """`moral serve` would start in an unsafe way (e.g. reachable from other hosts without a key)."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, 'localhost')."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_bind(settings: Settings, host: str) -> None:
+    """Refuse a non-loopback bind without an API key: anyone who reaches the port could use the model
+    and read the index's passages through open-book answers."""
+    key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
+    if key is not None and PLACEHOLDER in key:
+        raise ServeConfigError(
+            f"MORAL_SERVE_API_KEY is still the {PLACEHOLDER} placeholder from .env.example: set a real key"
+        )
+    if key is None and not is_loopback(host):
+        raise ServeConfigError(
+            f"refusing to serve on {host!r} without an API key: that address is reachable from other "
+            "machines. Set MORAL_SERVE_API_KEY (clients send 'Authorization: Bearer <key>'), or bind "
+            "to 127.0.0.1 and put an authenticating proxy in front."
+        )
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The FastAPI app over one :class:`Engine` (built here, loading the base model, unless given)."""
     engine = engine or Engine(settings)
     api_key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
+    # With a key, the interactive docs are off (a browser cannot send the bearer header they would
+    # need) and the schema sits behind the key like /v1: the key guards every route but /health.
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None}
     app = FastAPI(
-        title="MoRAL Refresh", description="OpenAI-compatible endpoint serving the champion adapter."
+        title="MoRAL Refresh",
+        description="OpenAI-compatible endpoint serving the champion adapter.",
+        **docs,
     )
     app.state.engine = engine
 
@@ -328,7 +369,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
+        if api_key is not None and request.url.path not in OPEN_PATHS:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 token.strip().encode(), api_key.encode()
@@ -489,9 +530,11 @@ def run_server(settings: Settings, host: str | None = None, port: int | None = N
 
     from storage.chroma_server import ensure_chroma_server
 
+    host = host or settings.serve_host
+    check_bind(settings, host)  # before any model or Chroma server is started
     if not settings.chroma_url:
         # A long-lived reader of the index: share the data home's Chroma server on loopback (started
         # here when `moral deploy` has not) instead of opening a second PersistentClient on its files.
         settings = settings.model_copy(update={"chroma_url": ensure_chroma_server(settings)})
     app = create_app(settings)
-    uvicorn.run(app, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info")
+    uvicorn.run(app, host=host, port=port or settings.serve_port, log_level="info")

@@ -37,6 +37,10 @@ def apply_runtime_env() -> None:
         os.environ.setdefault(key, value)
 
 
+#: The marker .env.example puts on every secret a deployment must replace (`moral preflight`).
+PLACEHOLDER = "CHANGE-ME"
+
+
 class Settings(BaseSettings):
     """All settings, with the environment variable that sets each (prefix ``MORAL_``)."""
 
@@ -319,7 +323,9 @@ class Settings(BaseSettings):
     serve_host: str = Field("127.0.0.1", description="Address `moral serve` binds to (loopback by default).")
     serve_port: int = Field(8000, ge=1, le=65535, description="Port `moral serve` listens on.")
     serve_api_key: SecretStr | None = Field(
-        None, description="When set, every /v1 request needs 'Authorization: Bearer <key>'."
+        None,
+        description="When set, every request but /health needs 'Authorization: Bearer <key>' (the "
+        "interactive /docs are then off). Required to bind `moral serve` to a non-loopback address.",
     )
     serve_poll_s: float = Field(
         1.0, ge=0, description="At most one registry look-up for the champion per this many seconds."

@@ -69,7 +69,7 @@ def test_compose_production_properties(project: Path) -> None:
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     services = config["services"]
-    assert set(services) == {"postgres", "prefect-server", "chroma", "deploy", "serve", "ollama"}
+    assert set(services) == {"preflight", "postgres", "prefect-server", "chroma", "deploy", "serve", "ollama"}
     assert services["ollama"]["profiles"] == ["llm"]
     default = _compose(project, "config", "--services")
     assert "ollama" not in default.stdout.split()  # only with --profile llm
@@ -79,6 +79,9 @@ def test_compose_production_properties(project: Path) -> None:
             assert port["host_ip"] == "127.0.0.1", f"{name} publishes {port} beyond loopback"
         for volume in svc.get("volumes", []):
             assert volume["type"] == "volume", f"{name} keeps state outside a named volume: {volume}"
+        if name == "preflight":  # runs once and exits: nothing to health-check
+            assert svc["command"] == ["preflight"] and svc["restart"] == "no"
+            continue
         test = " ".join(svc["healthcheck"]["test"])
         assert "curl" not in test and "wget" not in test, f"{name}: its image has no curl/wget"
     assert set(config["volumes"]) >= {"postgres-data", "moral-data", "chroma-data"}
@@ -98,6 +101,33 @@ def test_compose_production_properties(project: Path) -> None:
         services["chroma"]["entrypoint"] == ["chroma"]
         and "PREFECT_API_AUTH_STRING" not in services["chroma"]["environment"]
     )
+
+
+def test_every_service_waits_for_the_preflight_check(project: Path) -> None:
+    """Nothing starts before `moral preflight` has exited 0: with a CHANGE-ME left, the stack refuses."""
+    config = json.loads(_compose(project, "--profile", "llm", "config", "--format", "json").stdout)
+    services = config["services"]
+
+    def waits(name: str, seen: frozenset = frozenset()) -> bool:
+        deps = services[name].get("depends_on", {})
+        if deps.get("preflight", {}).get("condition") == "service_completed_successfully":
+            return True
+        return any(waits(d, seen | {name}) for d in deps if d not in seen)
+
+    assert all(waits(name) for name in services if name != "preflight")
+
+
+def test_preflight_refuses_placeholder_secrets(monkeypatch, capsys) -> None:
+    from cli.main import main
+
+    monkeypatch.setenv("POSTGRES_PASSWORD", "CHANGE-ME-postgres-password")
+    monkeypatch.setenv("MORAL_SERVE_API_KEY", "CHANGE-ME-serve-key")
+    assert main(["preflight"]) == 1
+    err = capsys.readouterr().err
+    assert "MORAL_SERVE_API_KEY" in err and "POSTGRES_PASSWORD" in err and "serve-key" not in err
+    monkeypatch.setenv("POSTGRES_PASSWORD", "a-real-one")
+    monkeypatch.setenv("MORAL_SERVE_API_KEY", "another")
+    assert main(["preflight"]) == 0
 
 
 def test_env_example_ships_no_real_secret() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from pydantic import SecretStr
 import torch
 
 from moe.base_model import load_base_model, model_identity
@@ -240,6 +241,36 @@ def test_an_api_key_is_required_when_configured(tiny_settings, start_server, mon
     assert MODEL_ID in {m.id for m in client.models.list()}
     assert ask(client)[1] == "base"
     assert httpx.get(f"{url}/health").status_code == 200  # health checks need no key
+    # The schema is behind the key too, and the interactive docs are off.
+    assert httpx.get(f"{url}/openapi.json").status_code == 401
+    keyed_get = httpx.get(f"{url}/openapi.json", headers={"Authorization": "Bearer s3cret"})
+    assert keyed_get.status_code == 200 and "/v1/chat/completions" in keyed_get.json()["paths"]
+    assert httpx.get(f"{url}/docs").status_code == 401
+    assert httpx.get(f"{url}/docs", headers={"Authorization": "Bearer s3cret"}).status_code == 404
+    assert httpx.get(f"{url}/redoc", headers={"Authorization": "Bearer s3cret"}).status_code == 404
+
+
+def test_serving_beyond_loopback_needs_a_real_key(tiny_settings, monkeypatch):
+    """`moral serve --host 0.0.0.0` without a key is refused before anything loads; a key left at the
+    .env.example placeholder is refused everywhere."""
+    from server.app import ServeConfigError, check_bind, is_loopback, run_server
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.org", ""]))
+    with pytest.raises(ServeConfigError, match="MORAL_SERVE_API_KEY"):
+        run_server(tiny_settings, host="0.0.0.0", port=1)  # raises before uvicorn or a model starts
+    check_bind(tiny_settings, "127.0.0.1")
+    keyed = tiny_settings.model_copy(update={"serve_api_key": SecretStr("s3cret")})
+    check_bind(keyed, "0.0.0.0")
+    placeholder = tiny_settings.model_copy(update={"serve_api_key": SecretStr("CHANGE-ME-serve-key")})
+    with pytest.raises(ServeConfigError, match="placeholder"):
+        check_bind(placeholder, "127.0.0.1")
+    # Through the CLI: one clear line, exit status 1.
+    from cli.main import main
+
+    monkeypatch.setenv("MORAL_HOME", str(tiny_settings.home))
+    monkeypatch.delenv("MORAL_SERVE_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0"]) == 1
 
 
 @pytest.mark.integration  # a real uvicorn server on loopback
