@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from pydantic import SecretStr
 import torch
+from pydantic import SecretStr
 
 from moe.base_model import load_base_model, model_identity
 from moe.config import MoRALConfig
