@@ -110,7 +110,7 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
         summary.update(_qa_fields(qa))
         if params.until == "qa":
             return _finish(reg, summary, started, stopped="qa")
-        idx = t.dedup_and_index.submit(settings, run_id).result()
+        idx = t.dedup_and_index.submit(shipped(settings), run_id).result()
         summary.update(
             qa_duplicates=idx.qa_duplicates, qa_indexed=idx.qa_indexed, chunks_indexed=idx.chunks_indexed
         )
@@ -149,6 +149,13 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
         raise
 
 
+def shipped(settings: Settings) -> Settings:
+    """The settings a submitted task receives: on Dask (pickled to workers, possibly on other
+    machines) without the API keys, which workers read from their own environment; on threads
+    (same process) as they are."""
+    return settings.without_secrets() if settings.task_runner == "dask" else settings
+
+
 def _generate_qa(settings: Settings, run_id: str):
     """The QA stage on the task runner: one task with threads (the stage has its own bounded
     concurrency), or one task per shard of the pending chunks on Dask, so generation spreads over
@@ -157,13 +164,13 @@ def _generate_qa(settings: Settings, run_id: str):
 
     shards = qa_shards(settings, settings.task_runner_workers) if settings.task_runner == "dask" else []
     if len(shards) <= 1:
-        return t.generate_qa.submit(settings, run_id).result()
+        return t.generate_qa.submit(shipped(settings), run_id).result()
     caps = {
         name: max(1, value // len(shards))
         for name in ("max_llm_calls", "max_llm_tokens")
         if (value := getattr(settings, name))
     }
-    shard_settings = settings.model_copy(update=caps)
+    shard_settings = shipped(settings).model_copy(update=caps)
     futures = [t.generate_qa.submit(shard_settings, run_id, ids) for ids in shards]
     return merge_qa([f.result() for f in futures])
 

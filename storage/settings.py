@@ -37,6 +37,8 @@ def apply_runtime_env() -> None:
         os.environ.setdefault(key, value)
 
 
+#: Settings holding credentials: never pickled to another process (Settings.without_secrets).
+SECRET_FIELDS = ("qa_api_key", "serve_api_key")
 #: The marker .env.example puts on every secret a deployment must replace (`moral preflight`).
 PLACEHOLDER = "CHANGE-ME"
 
@@ -387,7 +389,14 @@ class Settings(BaseSettings):
     def resolved_qa_api_key(self) -> str | None:
         if self.qa_api_key is not None:
             return self.qa_api_key.get_secret_value()
-        return os.environ.get("OPENAI_API_KEY")
+        # A copy sent to a worker carries no secret (without_secrets): the worker's own environment does.
+        return os.environ.get("MORAL_QA_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+    def without_secrets(self) -> Settings:
+        """This copy with every secret unset, for shipping to other processes (Dask workers pickle
+        what they are sent): a worker reads ``MORAL_QA_API_KEY`` / ``OPENAI_API_KEY`` from its
+        environment instead."""
+        return self.model_copy(update={name: None for name in SECRET_FIELDS})
 
     def ensure_dirs(self) -> None:
         for path in (self.home, self.adapters_dir, self.reports_dir):

@@ -307,8 +307,8 @@ class OpenAIQAGenerator:
                 )
                 time.sleep(delay)
                 continue
-            except Exception as exc:  # unparseable HTTP body and similar
-                resp, content_error = None, f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # unparseable HTTP body and similar (may echo the request)
+                resp, content_error = None, self._redact(f"{type(exc).__name__}: {exc}")
             else:
                 content_error = None
             if resp is not None:
@@ -324,7 +324,7 @@ class OpenAIQAGenerator:
                     out.pairs = parse_pairs(content)[: 2 * self.pairs_per_chunk * self.wordings_per_fact]
                     return out
                 except (MalformedOutput, IndexError, AttributeError) as exc:
-                    content_error = f"malformed output: {exc}"
+                    content_error = self._redact(f"malformed output: {exc}")
             if malformed_left <= 0:
                 out.error = content_error
                 return out

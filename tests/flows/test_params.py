@@ -54,3 +54,25 @@ def test_a_cli_run_resolves_its_settings_once(settings, monkeypatch):
         assert refresh.settings_for(RefreshParams(epochs=4)) is not first  # other params: resolved anew
     finally:
         refresh._RESOLVED.reset(token)
+
+
+def test_settings_shipped_to_dask_workers_carry_no_key(monkeypatch):
+    """Dask pickles what a task is sent, possibly to another machine: the API keys stay behind and a
+    worker reads them from its own environment. Threads (same process) get the settings as they are."""
+    import pickle
+
+    from flows.refresh import shipped
+    from storage.settings import SECRET_FIELDS, Settings
+
+    key, serve_key = "sk-live-SECRET-4242", "serve-SECRET-77"
+    dask = Settings(task_runner="dask", qa_api_key=key, serve_api_key=serve_key, qa_backend="openai")
+    blob = pickle.dumps(shipped(dask))
+    assert key.encode() not in blob and serve_key.encode() not in blob
+    worker = pickle.loads(blob)
+    assert all(getattr(worker, name) is None for name in SECRET_FIELDS)
+    assert worker.qa_backend == "openai" and worker.task_runner == "dask"
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("MORAL_QA_API_KEY", key)  # the worker's environment
+    assert worker.resolved_qa_api_key() == key
+    threads = Settings(task_runner="threads", qa_api_key=key)
+    assert shipped(threads) is threads

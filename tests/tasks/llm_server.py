@@ -23,7 +23,7 @@ from tasks.qa_openai import DOC_END, DOC_START
 @dataclass
 class Fault:
     """One scripted reply: kind in {'429', '500', '401', '400-schema', 'timeout', 'malformed',
-    'bad-body', 'prose'}; `retry_after` (seconds, header) for 429; `sleep` for 'timeout'."""
+    'bad-body', 'prose', 'echo'}; `retry_after` (seconds, header) for 429; `sleep` for 'timeout'."""
 
     kind: str
     retry_after: float | None = None
@@ -148,6 +148,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if kind == "timeout":
             time.sleep(fault.sleep)
+        if kind == "echo":  # a misbehaving proxy: 200, prose that quotes the caller's key, no JSON
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            content = f"Key {key} lacks access."
+            reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "test",
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                  "finish_reason": "stop"}]}  # fmt: skip
+            self._send(200, json.dumps(reply).encode())
+            return
         if kind == "bad-body":
             self._send(200, b'{"id": "x", "choices": [ {"message": ')
             return

@@ -377,6 +377,19 @@ def test_qa_stage_records_a_final_failure_and_the_next_run_retries_only_it(setti
     assert third.chunks_pending == 0 and third.llm_calls == 0 and llm_server.calls == 5
 
 
+def test_an_unusable_reply_that_quotes_the_key_is_stored_redacted(settings, llm_server):
+    """The malformed-reply path (content_error) is redacted like the HTTP-error paths: a reply that
+    quotes the key is recorded as the chunk's failure without it."""
+    from tasks.stages.qa import qa_stage
+
+    reg = registry_with_chunks(settings, 1)
+    llm_server.script("echo", "echo", "echo")  # every attempt (first + malformed retries) unusable
+    result = qa_stage(settings, "run-1", generator=gen(llm_server, malformed_retries=2))
+    [failure] = reg.qa_failures()
+    assert "malformed output" in failure.error and "***" in failure.error
+    assert API_KEY not in failure.error and API_KEY not in json.dumps(result.qa_failed)
+
+
 def test_qa_stage_spend_cap_leaves_the_rest_for_the_next_run(settings, llm_server):
     from tasks.stages.qa import qa_stage
 
