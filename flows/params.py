@@ -3,6 +3,7 @@ with its description and default, and the CLI builds the same object."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, Field, create_model
@@ -77,6 +78,30 @@ RefreshParams = create_model(
     __doc__="Parameters of one knowledge refresh. Unset fields fall back to the ``MORAL_*`` settings.",
     **{name: _override_field(name) for name in RUN_OVERRIDABLE},
 )
+
+
+class RunRefused(PermissionError):
+    """A deployment run asked for a path outside what the deployment allows."""
+
+
+def check_deployment_paths(source: str | None, home: str | None, base: Settings) -> None:
+    """Runs started from a deployment (anyone with the Prefect UI can fill in the Run form) may
+    ingest only from ``MORAL_ALLOWED_SOURCES`` (default: the deployment's MORAL_REFRESH_SOURCE) and
+    write only to the deployment's own data home; symlinks and ``..`` are resolved first.  CLI runs
+    are not checked: the operator owns the machine."""
+    if source:
+        path = Path(source).expanduser().resolve()
+        roots = base.allowed_source_roots()
+        if not any(path == root or path.is_relative_to(root) for root in roots):
+            raise RunRefused(
+                f"source {source!r} is outside the folders this deployment may read "
+                f"({', '.join(map(str, roots))}); add it to MORAL_ALLOWED_SOURCES where `moral deploy` runs"
+            )
+    if home and Path(home).expanduser().resolve() != base.home.expanduser().resolve():
+        raise RunRefused(
+            f"home {home!r} is not this deployment's data home ({base.home}); a deployment run writes "
+            "only to its own (run `moral deploy` with another MORAL_HOME for another one)"
+        )
 
 
 class RollbackParams(BaseModel):

@@ -16,8 +16,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows import prefect_tasks as t
-from flows.params import RefreshParams
-from flows.rollback import emit_adapter_event
+from flows.params import RefreshParams, check_deployment_paths
+from flows.rollback import current_flow_run_id, deployment_id, emit_adapter_event
 from storage.lock import refresh_lock
 from storage.registry import Registry
 from storage.settings import Settings, get_settings
@@ -65,15 +65,6 @@ def refresh_flow(settings: Settings):
     return knowledge_refresh.with_options(task_runner=task_runner_for(settings))
 
 
-def _flow_run_id() -> str | None:
-    try:
-        from prefect.runtime import flow_run
-
-        return str(flow_run.id) if flow_run.id else None
-    except Exception:  # outside a flow run
-        return None
-
-
 @flow(
     name="knowledge-refresh",
     description="Ingest new documents, generate QA, index, train, evaluate, promote.",
@@ -81,17 +72,19 @@ def _flow_run_id() -> str | None:
 def knowledge_refresh(params: RefreshParams = RefreshParams()) -> dict:  # noqa: B008 - pydantic defaults are immutable here
     """One knowledge refresh. Returns the run summary (also stored with the run in the registry)."""
     started = time.perf_counter()
+    if deployment_id() is not None:  # before any path is opened
+        check_deployment_paths(params.source, params.home, get_settings())
     settings = settings_for(params)
     settings.ensure_dirs()
     # One refresh per data home, however it was started: a second one fails here, naming the holder,
     # before it has written anything.
-    with refresh_lock(settings.home, flow_run_id=_flow_run_id()):
+    with refresh_lock(settings.home, flow_run_id=current_flow_run_id()):
         return _refresh_locked(params, settings, started)
 
 
 def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -> dict:
     reg = Registry.from_settings(settings)
-    run_id = reg.start_run(params.model_dump(), flow_run_id=_flow_run_id())
+    run_id = reg.start_run(params.model_dump(), flow_run_id=current_flow_run_id())
     summary: dict = {
         "run_id": run_id,
         "status": "running",
@@ -194,7 +187,7 @@ def _resumable() -> bool:
     uses a temporary server that vanishes with the process, so nobody could ever press Resume."""
     from prefect.settings import PREFECT_API_URL
 
-    return bool(PREFECT_API_URL.value()) and _flow_run_id() is not None
+    return bool(PREFECT_API_URL.value()) and current_flow_run_id() is not None
 
 
 def await_approval(settings: Settings, reg: Registry, run_id: str, version: int) -> list[str] | None:

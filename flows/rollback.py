@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.params import RollbackParams
+from flows.params import RollbackParams, check_deployment_paths
 from storage.settings import Settings, get_settings
 from tasks.stages.promote import rollback_adapter
 
@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 
 EVENT_PROMOTED = "moral.adapter.promoted"
 EVENT_ROLLED_BACK = "moral.adapter.rolled-back"
+
+
+def deployment_id() -> str | None:
+    """The deployment this flow run was started from (a schedule, the UI's Run form, the API), or
+    None for a direct call (the CLI)."""
+    try:
+        from prefect.runtime import deployment
+
+        return str(deployment.id) if deployment.id else None
+    except Exception:  # outside a flow run
+        return None
 
 
 def current_flow_run_id() -> str | None:
@@ -81,6 +92,8 @@ def emit_adapter_event(
 )
 def rollback_adapter_flow(params: RollbackParams = RollbackParams()) -> dict:  # noqa: B008 - immutable default
     settings = get_settings()
+    if deployment_id() is not None:  # a run from the UI rolls back only its deployment's home
+        check_deployment_paths(None, params.home, settings)
     if params.home:
         settings = settings.model_copy(update={"home": Path(params.home).expanduser().resolve()})
     result = rollback_adapter(

@@ -251,6 +251,19 @@ class Settings(BaseSettings):
     refresh_source: Path = Field(
         Path("examples/docs"), description="Folder the scheduled refresh ingests (resolved when deploying)."
     )
+    allowed_sources: str | None = Field(
+        None,
+        description="Folders (separated by the OS path separator, ':' on Linux) that runs started from "
+        "a deployment, e.g. the Prefect UI's Run form, may ingest from; unset: MORAL_REFRESH_SOURCE only. "
+        "CLI runs are not restricted.",
+    )
+
+    def allowed_source_roots(self) -> list[Path]:
+        """Absolute roots a deployment run's ``source`` must lie in (``allowed_sources``, or the
+        scheduled refresh's own folder)."""
+        raw = [p for p in (self.allowed_sources or "").split(os.pathsep) if p.strip()]
+        return [Path(p).expanduser().resolve() for p in raw] or [self.refresh_source.expanduser().resolve()]
+
     refresh_hour: int = Field(
         2, ge=0, le=23, description="Hour of the nightly refresh (cron, local to the timezone)."
     )

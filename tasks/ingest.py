@@ -249,8 +249,29 @@ def markdown_to_text(md: str) -> tuple[str, str | None]:
     return text, (heading.group(1).strip() if heading else None)
 
 
+_DISPLAY_NONE = re.compile(
+    r"(?:^|;)\s*(?:display\s*:\s*none|visibility\s*:\s*hidden)\s*(?:!important\s*)?(?:;|$)", re.I
+)
+_VOID = frozenset("area base br col embed hr img input link meta source track wbr".split())
+
+
+def _is_hidden(attrs: list[tuple[str, str | None]]) -> bool:
+    """An element a reader never sees: ``hidden``, ``aria-hidden="true"``, or an inline style with
+    ``display:none`` / ``visibility:hidden`` (text planted for machines, not knowledge)."""
+    for name, value in attrs:
+        name, value = name.lower(), (value or "").strip()
+        if name == "hidden" and value.lower() != "until-found":
+            return True
+        if name == "aria-hidden" and value.lower() == "true":
+            return True
+        if name == "style" and _DISPLAY_NONE.search(value):
+            return True
+    return False
+
+
 class _HTMLText(HTMLParser):
-    """Visible text of an HTML page with line breaks at block elements."""
+    """Visible text of an HTML page with line breaks at block elements: scripts, styles, comments and
+    hidden elements (``hidden``, ``aria-hidden``, inline ``display:none``) are left out."""
 
     BLOCK = frozenset(
         "p div br li ul ol h1 h2 h3 h4 h5 h6 tr table section article header footer pre blockquote hr "
@@ -266,8 +287,14 @@ class _HTMLText(HTMLParser):
         self.h1: str | None = None
         self._capture: str | None = None
         self._buf: list[str] = []
+        self._hidden: tuple[str, int] | None = None  # (tag of the hidden element, its nesting depth)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self._hidden is not None:
+            if tag == self._hidden[0]:
+                self._hidden = (tag, self._hidden[1] + 1)
+        elif tag not in _VOID and _is_hidden(attrs):
+            self._hidden = (tag, 1)
         if tag in self.SKIP and tag != "head":
             self.skip_depth += 1
         if tag in ("title", "h1") and self._capture is None:
@@ -278,6 +305,9 @@ class _HTMLText(HTMLParser):
             self.parts.append(" ")
 
     def handle_endtag(self, tag: str) -> None:
+        if self._hidden is not None and tag == self._hidden[0]:
+            depth = self._hidden[1] - 1
+            self._hidden = None if depth == 0 else (tag, depth)
         if tag in self.SKIP and tag != "head" and self.skip_depth:
             self.skip_depth -= 1
         if tag == self._capture:
@@ -291,9 +321,9 @@ class _HTMLText(HTMLParser):
             self.parts.append("\n\n" if tag in ("p", "h1", "h2", "h3", "h4", "h5", "h6") else "\n")
 
     def handle_data(self, data: str) -> None:
-        if self._capture:
+        if self._capture and self._hidden is None:
             self._buf.append(data)
-        if self.skip_depth or self._capture == "title":
+        if self.skip_depth or self._hidden is not None or self._capture == "title":
             return  # the <title> is metadata, not body text
         self.parts.append(data)
 

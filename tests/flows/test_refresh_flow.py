@@ -126,3 +126,49 @@ def test_a_rerun_after_evaluate_verifies_the_files_and_reuses_only_scores_of_the
     assert done["status"] == "completed" and done["decision"] in ("promoted", "rejected")
     assert json.loads(saved_path.read_text())["base_sha256"] == v1.base_model_sha256  # evaluated again
     assert reg.get_version(1).status == done["decision"]
+
+
+def test_a_deployment_run_reads_and_writes_only_where_the_deployment_allows(
+    flow_env, source_dir, tmp_path, monkeypatch
+):
+    """A run started from a deployment (the Prefect UI's Run form) may ingest only from
+    MORAL_ALLOWED_SOURCES (default: MORAL_REFRESH_SOURCE) and use only its own data home; it is
+    refused before anything is written. The same parameters from the CLI are not restricted."""
+    from flows.params import RollbackParams, RunRefused
+    from flows.refresh import knowledge_refresh
+    from flows.rollback import rollback_adapter_flow
+
+    settings = flow_env
+    monkeypatch.setenv("MORAL_REFRESH_SOURCE", str(source_dir))
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "3f2a0c1e-ui-run")  # as in a deployment run
+    get_settings.cache_clear()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.md").write_text("# Keys\n\nThe vault code is 4711.\n")
+    escape = source_dir / "link"
+    escape.symlink_to(outside)
+    other_home = tmp_path / "other-home"
+    for params, what in [
+        (RefreshParams(source=str(outside)), "source"),
+        (RefreshParams(source=str(escape)), "source"),  # a symlink out of the allowed folder
+        (RefreshParams(source=str(source_dir / ".." / "elsewhere")), "source"),
+        (RefreshParams(source=str(source_dir), home=str(other_home)), "home"),
+    ]:
+        with pytest.raises(RunRefused, match=what):
+            knowledge_refresh(params)
+    with pytest.raises(RunRefused, match="home"):
+        rollback_adapter_flow(RollbackParams(home=str(other_home)))
+    assert not other_home.exists() and not settings.registry_path.exists()  # nothing was written
+
+    # The allowed folder (and one added by MORAL_ALLOWED_SOURCES) runs.
+    monkeypatch.setenv("MORAL_ALLOWED_SOURCES", f"{source_dir}:{outside}")
+    get_settings.cache_clear()
+    done = knowledge_refresh(RefreshParams(source=str(outside), until="ingest"))
+    assert done["status"] == "completed" and done["documents_new"] == 1
+
+    # From the CLI (no deployment) nothing is restricted.
+    monkeypatch.delenv("PREFECT__RUNTIME__DEPLOYMENT__ID")
+    monkeypatch.delenv("MORAL_ALLOWED_SOURCES")
+    get_settings.cache_clear()
+    cli = run_refresh(RefreshParams(source=str(outside), home=str(other_home), until="ingest"), quiet=True)
+    assert cli["status"] == "completed" and other_home.exists()
