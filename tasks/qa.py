@@ -20,6 +20,7 @@ from storage.records import QAPair, fact_id_for
 from tasks.chunking import split_sentences
 from tasks.splits import fact_split
 from tasks.text import (
+    knowledge_text,
     normalize_answer,
     normalize_question,
     sha256_text,
@@ -241,8 +242,10 @@ class _CacheWriter:
 
 
 def cache_key(chunk_text: str, model_id: str, prompt_version: str) -> str:
-    """Keyed by the chunk's *text* (not its id): the same paragraph in another document is free."""
-    return stable_hash(sha256_text(chunk_text), model_id, prompt_version)
+    """Keyed by the text the generator is sent (the chunk's, without instruction-like sentences; not
+    its id): the same paragraph in another document is free, and a chunk with no planted order
+    keeps the key it always had."""
+    return stable_hash(sha256_text(knowledge_text(chunk_text)), model_id, prompt_version)
 
 
 class _ChunkLike(Protocol):
@@ -273,9 +276,12 @@ def pairs_from_response(
 ) -> None:
     """Validate raw pairs against the chunk; keep the good ones (deduplicated), record the rest."""
     seen: set[str] = set()
+    text = knowledge_text(chunk.text)  # an order planted in the chunk is no ground for an answer
     for raw in raw_pairs:
         q, a = str(raw.get("question", "")).strip(), str(raw.get("answer", "")).strip()
-        reason = validate_pair(q, a, chunk.text)
+        reason = validate_pair(q, a, text)
+        if reason is not None and text is not chunk.text and validate_pair(q, a, chunk.text) is None:
+            reason = "answer only in an instruction-like sentence"
         if reason is not None:
             result.rejected.append((chunk.chunk_id, q, reason))
             continue
@@ -300,7 +306,8 @@ def generate_for_chunks(
     result = QARunResult()
     budget = Budget(max_calls, max_tokens)
     version = generator.prompt_version
-    # Identical texts share one cache key and one generation.
+    # Identical texts share one cache key and one generation. The generator reads the chunk without
+    # its instruction-like sentences (prompt injection: tasks.text.knowledge_text).
     groups: dict[str, list[_ChunkLike]] = {}
     for chunk in chunks:
         groups.setdefault(cache_key(chunk.text, generator.model_id, version), []).append(chunk)
@@ -369,7 +376,7 @@ def _run_pool(
                 capped = True
                 skip(batch)
                 return
-            texts = [groups[k][0].text for k in batch]
+            texts = [knowledge_text(groups[k][0].text) for k in batch]
             in_flight[pool.submit(generator.generate_many, texts, budget)] = batch
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qa") as pool:

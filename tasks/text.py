@@ -83,3 +83,44 @@ def normalize_whitespace(text: str) -> str:
     text = _CONTROL.sub("", text).replace("\t", " ")
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Instructions planted in documents (prompt injection)
+#: Sentences that address a language model rather than state a fact: override phrases, role or
+#: prompt talk, chat-template markers, and sentences that open with an order to reply.
+_INSTRUCTION = re.compile(
+    r"\b(?:ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}?\b(?:previous|prior|above|earlier|"
+    r"preceding|all|any|your|the|these|those)\b[^.!?\n]{0,30}?\b(?:instructions?|prompts?|rules|"
+    r"directions|guidelines|context|messages?)\b"
+    r"|\b(?:system|developer)\s+(?:prompt|message|instructions?)\b"
+    r"|\bnew\s+instructions?\b|\byou\s+are\s+now\b|\bas\s+an?\s+(?:ai|language\s+model|assistant)\b"
+    r"|<\|[a-z_]+\|>|\[/?inst\]|^\s*(?:system|assistant|user)\s*:"
+    r"|^\s*(?:please\s+)?(?:reply|respond|output|say)\b"
+    r"|\b(?:reply|respond)\s+(?:only\s+)?with\s+(?:the\s+)?(?:word|text|phrase|string|answer)\b",
+    re.I | re.M,
+)
+
+
+def instruction_sentences(text: str) -> list[str]:
+    """The sentences of ``text`` that give orders to a language model (see ``_INSTRUCTION``)."""
+    from tasks.chunking import split_sentences
+
+    return [s for s in split_sentences(text) if _INSTRUCTION.search(s)]
+
+
+def knowledge_text(text: str) -> str:
+    """``text`` without its instruction-like sentences: what QA generation reads and grounds
+    answers in, so an order planted in a document never reaches the LLM nor becomes a pair.
+    Unchanged (the same string) when there are none."""
+    planted = instruction_sentences(text)
+    if not planted:
+        return text
+    out = text
+    for sentence in planted:
+        out = out.replace(sentence, " ")
+    if any(s in out for s in planted):  # a sentence split differently from the raw text
+        from tasks.chunking import split_sentences
+
+        out = " ".join(s for s in split_sentences(text) if s not in planted)
+    return out

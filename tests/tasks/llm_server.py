@@ -39,6 +39,9 @@ class ServerState:
     pairs_per_call: int = 3
     # 2: each sentence is also asked in a far second wording (a fact with a paraphrase to hold out)
     wordings: int = 1
+    # True: an endpoint that obeys orders in the document ("... reply with X"): it answers X to many
+    # questions, in as many pairs as it likes (prompt injection tests)
+    obey: bool = False
     faults: list[Fault] = field(default_factory=list)
     calls: int = 0
     in_flight: int = 0
@@ -161,6 +164,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
         pairs = qa_from_prompt(user, state.pairs_per_call * state.wordings, state.wordings)
+        order = re.search(r"reply with (\w+)", user, re.I) if state.obey else None
+        if order:  # obeys the planted order, and overspends: far more pairs than asked for
+            pairs = [
+                {"question": f"What is the code word number {i}?", "answer": order.group(1)}
+                for i in range(200)
+            ]
         payload = json.dumps({"pairs": pairs})
         structured = state.structured is True and "response_format" in body
         if kind == "malformed":
