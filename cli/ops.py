@@ -1,5 +1,5 @@
 """Operations: ``moral promote``, ``moral rollback``, ``moral deploy``, ``moral serve``, ``moral preflight``,
-``moral gc``, ``moral backup``."""
+``moral gc``, ``moral backup``, ``moral restore``."""
 
 from __future__ import annotations
 
@@ -78,8 +78,30 @@ def cmd_backup(args: argparse.Namespace) -> int:
     else:
         print(
             f"backup in {report.path}: registry ({report.versions} versions, schema {report.schema_versions[-1]}), "
-            f"{len(report.adapters)} adapter dirs, {report.evaluations} evaluation files, {report.bytes} bytes"
+            f"{len(report.adapters)} adapter dirs, index {report.chroma or 'none'}, "
+            f"folders {', '.join(report.folders) or 'none'}, {report.bytes} bytes"
         )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from storage.backup import restore
+    from storage.registry import Registry
+    from storage.settings import get_settings
+
+    home = Path(args.home).expanduser().resolve() if args.home else get_settings().home
+    registry = restore(args.dir, home)
+    reg = Registry(registry)
+    result = {"home": str(home), "versions": len(reg.list_versions()), "champion": reg.champion()}
+    if args.json:
+        print_json(result)
+    else:
+        champion = f"v{result['champion']}" if result["champion"] else "none"
+        print(f"restored {args.dir} into {home}: {result['versions']} versions, champion {champion}")
+        if args.home:
+            print(f"use it with MORAL_HOME={home}")
     return 0
 
 
@@ -179,10 +201,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser("backup", help="consistent copy of the registry, adapters and evaluations into DIR")
+    p = sub.add_parser(
+        "backup", help="consistent copy of the data home into DIR: registry, adapters, Chroma index, folders"
+    )
     p.add_argument("dir", help="a new (or empty) directory outside the data home")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser(
+        "restore",
+        help="lay a `moral backup` out as a data home (new or empty): registry, adapters, index, folders",
+    )
+    p.add_argument("dir", help="the backup directory")
+    p.add_argument("--home", help="where to restore (default: MORAL_HOME); it must be new or empty")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser(
         "deploy",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from storage.db import Con, Database, dumps, event, fetch, utcnow
@@ -110,6 +111,25 @@ class VersionsMixin(Database):
                 actor,
                 {"uri": uri, "sha256": sha256},
             )
+
+    def relocate_artifacts(
+        self, old_dir: str | Path, new_dir: str | Path, actor: str | None = None
+    ) -> list[int]:
+        """Point the versions whose files lay in ``old_dir`` at the same names in ``new_dir`` (a data
+        home restored to another path); the checksums stay, so the files are verified as before.
+        Returns the versions moved; each move is an event."""
+        old, new = Path(old_dir), Path(new_dir)
+        moved = []
+        with self.transaction() as con:
+            for v in fetch(con, Version, f"{_SELECT} ORDER BY v.version"):
+                if v.artifact_uri and Path(v.artifact_uri).parent == old and old != new:
+                    uri = str(new / Path(v.artifact_uri).name)
+                    _update(con, v.version, artifact_uri=uri)
+                    event(
+                        con, "version.relocated", v.version, None, actor, {"from": v.artifact_uri, "to": uri}
+                    )
+                    moved.append(v.version)
+        return moved
 
     def set_version_metrics(
         self, version: int | str, metrics: dict[str, Any], actor: str | None = None

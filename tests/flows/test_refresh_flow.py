@@ -172,3 +172,52 @@ def test_a_deployment_run_reads_and_writes_only_where_the_deployment_allows(
     get_settings.cache_clear()
     cli = run_refresh(RefreshParams(source=str(outside), home=str(other_home), until="ingest"), quiet=True)
     assert cli["status"] == "completed" and other_home.exists()
+
+
+def test_a_restored_home_answers_serves_and_refreshes_as_before(flow_env, llm_endpoint, source_dir, tmp_path):
+    """`moral backup` then `moral restore` into another path: the registry, the adapters (moved and
+    verified), the Chroma index and the training logs come back; the champion answers the same
+    closed- and open-book, with the same passages, and a refresh of the same folder is a no-op."""
+    from cli.main import main
+    from server.model import answer_question
+    from storage.backup import BackupError, restore
+
+    settings = flow_env
+    first = run_refresh(RefreshParams(source=str(source_dir)), quiet=True)
+    assert first["version"] == "v1"
+    reg = Registry(settings.registry_path)
+    reg.promote(1, "test", "a champion to restore", force=True)
+    assert (settings.home / "training").is_dir()
+    question = "What does the Quillfeather Q7 weigh?"
+    before = [answer_question(question, open_book=ob, settings=settings) for ob in (False, True)]
+
+    assert main(["backup", str(tmp_path / "bk")]) == 0
+    new_home = tmp_path / "restored"
+    assert main(["restore", str(tmp_path / "bk"), "--home", str(new_home)]) == 0
+    with pytest.raises(BackupError, match="not empty"):  # never over a home in use
+        restore(tmp_path / "bk", new_home)
+
+    moved = settings.model_copy(update={"home": new_home})
+    back = Registry(moved.registry_path)
+    assert back.champion() == 1 and back.get_version(1).artifact_uri.startswith(str(new_home / "adapters"))
+    assert back.get_version(1).artifact_sha256 == reg.get_version(1).artifact_sha256
+    assert [e.kind for e in back.events()][-1] == "home.restored"
+    assert sorted(p.name for p in (new_home / "training").iterdir()) == sorted(
+        p.name for p in (settings.home / "training").iterdir()
+    )
+    old_store, new_store = VectorStore(settings), VectorStore(moved)
+    for collection in (CHUNKS, QA_PAIRS):
+        assert new_store.count(collection) == old_store.count(collection) > 0
+    after = [answer_question(question, open_book=ob, settings=moved) for ob in (False, True)]
+    assert [(a["answer"], a["version"], a["sources"]) for a in after] == [
+        (b["answer"], b["version"], b["sources"]) for b in before
+    ]
+    assert after[0]["version"] == "v1" and after[1]["sources"]
+
+    calls = llm_endpoint.calls
+    again = run_refresh(RefreshParams(source=str(source_dir), home=str(new_home)), quiet=True)
+    assert (
+        again["status"] == "completed" and again["documents_new"] == 0 and again["documents_unchanged"] == 4
+    )
+    assert again["llm_calls"] == 0 and llm_endpoint.calls == calls and again["version"] is None
+    assert new_store.count(QA_PAIRS) == old_store.count(QA_PAIRS)
