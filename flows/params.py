@@ -84,24 +84,32 @@ class RunRefused(PermissionError):
     """A deployment run asked for a path outside what the deployment allows."""
 
 
-def check_deployment_paths(source: str | None, home: str | None, base: Settings) -> None:
+def check_deployment_paths(
+    source: str | None, home: str | None, base: Settings
+) -> tuple[str | None, str | None]:
     """Runs started from a deployment (anyone with the Prefect UI can fill in the Run form) may
     ingest only from ``MORAL_ALLOWED_SOURCES`` (default: the deployment's MORAL_REFRESH_SOURCE) and
     write only to the deployment's own data home; symlinks and ``..`` are resolved first.  CLI runs
-    are not checked: the operator owns the machine."""
+    are not checked: the operator owns the machine.  Returns (source, home) resolved: the run uses
+    these, not the strings it was given, so a link swapped after the check leads nowhere new."""
+    resolved_source = resolved_home = None
     if source:
         path = Path(source).expanduser().resolve()
+        resolved_source = str(path)
         roots = base.allowed_source_roots()
         if not any(path == root or path.is_relative_to(root) for root in roots):
             raise RunRefused(
                 f"source {source!r} is outside the folders this deployment may read "
                 f"({', '.join(map(str, roots))}); add it to MORAL_ALLOWED_SOURCES where `moral deploy` runs"
             )
-    if home and Path(home).expanduser().resolve() != base.home.expanduser().resolve():
-        raise RunRefused(
-            f"home {home!r} is not this deployment's data home ({base.home}); a deployment run writes "
-            "only to its own (run `moral deploy` with another MORAL_HOME for another one)"
-        )
+    if home:
+        resolved_home = str(Path(home).expanduser().resolve())
+        if resolved_home != str(base.home.expanduser().resolve()):
+            raise RunRefused(
+                f"home {home!r} is not this deployment's data home ({base.home}); a deployment run "
+                "writes only to its own (run `moral deploy` with another MORAL_HOME for another one)"
+            )
+    return resolved_source, resolved_home
 
 
 class RollbackParams(BaseModel):

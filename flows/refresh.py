@@ -18,6 +18,7 @@ from prefect import flow
 from flows import prefect_tasks as t
 from flows.params import RefreshParams, check_deployment_paths
 from flows.rollback import current_flow_run_id, deployment_id, emit_adapter_event
+from storage.failpoints import failpoint
 from storage.lock import refresh_lock
 from storage.registry import Registry
 from storage.settings import Settings, get_settings
@@ -73,7 +74,8 @@ def knowledge_refresh(params: RefreshParams = RefreshParams()) -> dict:  # noqa:
     """One knowledge refresh. Returns the run summary (also stored with the run in the registry)."""
     started = time.perf_counter()
     if deployment_id() is not None:  # before any path is opened
-        check_deployment_paths(params.source, params.home, get_settings())
+        source, home = check_deployment_paths(params.source, params.home, get_settings())
+        params = params.model_copy(update={"source": source, "home": home})
     settings = settings_for(params)
     settings.ensure_dirs()
     # One refresh per data home, however it was started: a second one fails here, naming the holder,
@@ -95,22 +97,26 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
     try:
         ing = t.ingest(settings, Path(settings.refresh_source), run_id)
         summary.update(_ingest_fields(ing))
+        failpoint("ingest.done")
         if params.until == "ingest":
             return _finish(reg, summary, started, stopped="ingest")
         # Submitted, not called: QA generation and embedding run on the task runner chosen by
         # MORAL_TASK_RUNNER (threads here, or a Dask worker), see task_runner_for().
         qa = _generate_qa(settings, run_id)
         summary.update(_qa_fields(qa))
+        failpoint("qa.done")
         if params.until == "qa":
             return _finish(reg, summary, started, stopped="qa")
         idx = t.dedup_and_index.submit(shipped(settings), run_id).result()
         summary.update(
             qa_duplicates=idx.qa_duplicates, qa_indexed=idx.qa_indexed, chunks_indexed=idx.chunks_indexed
         )
+        failpoint("index.done")
         if params.until == "index":
             return _finish(reg, summary, started, stopped="index")
         tr = t.train(settings, run_id)
         summary["train"] = asdict(tr)
+        failpoint("train.done")
         if tr.warning:
             summary["warnings"] = [*summary.get("warnings", []), tr.warning]
         if tr.version is None:
@@ -121,6 +127,7 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
             return _finish(reg, summary, started, stopped="train")
         ev = t.evaluate(settings, run_id, tr.version)
         summary["evaluation"] = {"sizes": ev.sizes, "means": ev.means}
+        failpoint("evaluate.done")
         if params.until == "evaluate":
             return _finish(reg, summary, started, stopped="evaluate")
         if settings.require_approval:
@@ -131,6 +138,7 @@ def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -
                 return _finish(reg, summary, started)
         pr = t.promote(settings, run_id, tr.version)
         summary.update(decision=pr.decision, reasons=pr.reasons)
+        failpoint("promote.done")
         summary["artifacts"] = _publish(settings, tr.version)
         if pr.decision == "promoted":
             payload = {"operation": "promote", "version": f"v{tr.version}", "actor": "gate", "run_id": run_id}

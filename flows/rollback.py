@@ -27,12 +27,13 @@ EVENT_ROLLED_BACK = "moral.adapter.rolled-back"
 def deployment_id() -> str | None:
     """The deployment this flow run was started from (a schedule, the UI's Run form, the API), or
     None for a direct call (the CLI)."""
-    try:
-        from prefect.runtime import deployment
+    from prefect.runtime import deployment
 
+    try:
         return str(deployment.id) if deployment.id else None
-    except Exception:  # outside a flow run
-        return None
+    except Exception:
+        # Fail closed: inside a flow run whose deployment cannot be read, treat it as one.
+        return "unknown" if current_flow_run_id() is not None else None
 
 
 def current_flow_run_id() -> str | None:
@@ -93,7 +94,8 @@ def emit_adapter_event(
 def rollback_adapter_flow(params: RollbackParams = RollbackParams()) -> dict:  # noqa: B008 - immutable default
     settings = get_settings()
     if deployment_id() is not None:  # a run from the UI rolls back only its deployment's home
-        check_deployment_paths(None, params.home, settings)
+        _, home = check_deployment_paths(None, params.home, settings)
+        params = params.model_copy(update={"home": home})
     if params.home:
         settings = settings.model_copy(update={"home": Path(params.home).expanduser().resolve()})
     result = rollback_adapter(

@@ -113,7 +113,8 @@ class TrainResult:
 
 
 def format_example(tokenizer, ex: Example, max_length: int) -> dict[str, list[int]]:
-    """Chat-formatted input_ids and labels; labels are -100 except on the answer and end-of-turn tokens.
+    """input_ids and labels (chat-formatted, or plain with ``ex.plain``); labels are -100 except on the
+    answer and, in chat, end-of-turn tokens.
 
     Too-long examples keep the answer and lose prompt tokens from the left (the question and assistant
     header sit at the end of the prompt, so they survive). A `text` example is the passage's tokens

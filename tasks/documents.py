@@ -53,7 +53,7 @@ def purge_document(reg: Registry, settings: Settings, path: str) -> dict:
     that document's pairs came from the same reply.
     """
     from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
-    from tasks.qa import cache_key
+    from tasks.qa import cache_keys_ever
 
     docs = match_documents(reg, path)
     if not docs:
@@ -61,9 +61,14 @@ def purge_document(reg: Registry, settings: Settings, path: str) -> dict:
     doc_ids = sorted({d.doc_id for d in docs})
     texts = {c.text for doc_id in doc_ids for c in reg.chunks(doc_id=doc_id, status=None)}
     texts -= reg.texts_used_elsewhere(texts, doc_ids)
-    keys = [
-        cache_key(text, model or "", version or "") for model, version in reg.cache_models() for text in texts
-    ]
+    keys = sorted(
+        {
+            k
+            for model, version in reg.cache_models()
+            for text in texts
+            for k in cache_keys_ever(text, model or "", version or "")
+        }
+    )
     store = VectorStore(settings)
     where = {"doc_id": {"$in": doc_ids}}
     vectors = store.count(CHUNKS, where) + store.count(QA_PAIRS, where)

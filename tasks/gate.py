@@ -155,7 +155,7 @@ def _rise_check(
         name,
         ok,
         f"{label} {_fmt(mean(cand))} vs {ref} {_fmt(mean(other))}: {rise:+.1%}, 95% CI [{low:+.1%}, "
-        f"{high:+.1%}] (upper bound {'within' if ok else 'exceeds'} the allowed {limit:+.1%}, n={len(cand)})",
+        f"{high:+.1%}] (upper bound {'is within' if ok else 'exceeds'} the allowed {limit:+.1%}, n={len(cand)})",
         {"candidate": mean(cand), ref: mean(other), "relative_rise": rise, "ci_low": low, "ci_high": high,
          "n": len(cand)},
     )  # fmt: skip
@@ -188,7 +188,7 @@ def _retention_check(scores: Scores, ref: str, t: GateThresholds) -> Check | Non
         "domain_retention",
         ok,
         f"domain-retention strict recall {_fmt(mean(cand))} vs {ref} {_fmt(mean(other))}: drop {drop:+.3f}, "
-        f"95% CI [{low:+.3f}, {high:+.3f}] (upper bound {'within' if ok else 'exceeds'} the allowed "
+        f"95% CI [{low:+.3f}, {high:+.3f}] (upper bound {'is within' if ok else 'exceeds'} the allowed "
         f"{t.max_retention_drop:.3f}, n={len(cand)})",
         {
             "candidate": mean(cand),

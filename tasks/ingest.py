@@ -253,11 +253,22 @@ _DISPLAY_NONE = re.compile(
     r"(?:^|;)\s*(?:display\s*:\s*none|visibility\s*:\s*hidden)\s*(?:!important\s*)?(?:;|$)", re.I
 )
 _VOID = frozenset("area base br col embed hr img input link meta source track wbr".split())
+#: Elements whose end tag may be left out, and the start tags that close them implicitly.
+_CLOSED_BY_SIBLING = {
+    "li": {"li"}, "dt": {"dt", "dd"}, "dd": {"dt", "dd"}, "option": {"option", "optgroup"},
+    "tr": {"tr", "tbody", "tfoot"}, "td": {"td", "th", "tr", "tbody", "tfoot"},
+    "th": {"td", "th", "tr", "tbody", "tfoot"}, "thead": {"tbody", "tfoot"}, "tbody": {"tbody", "tfoot"},
+}  # fmt: skip
+_CLOSES_P = frozenset(
+    "address article aside blockquote details div dl fieldset figcaption figure footer form h1 h2 h3 "
+    "h4 h5 h6 header hr main menu nav ol p pre section table ul".split()
+)
 
 
 def _is_hidden(attrs: list[tuple[str, str | None]]) -> bool:
     """An element a reader never sees: ``hidden``, ``aria-hidden="true"``, or an inline style with
-    ``display:none`` / ``visibility:hidden`` (text planted for machines, not knowledge)."""
+    ``display:none`` / ``visibility:hidden`` (text planted for machines, not knowledge). Hiding by a
+    stylesheet class, ``opacity:0`` or ``font-size:0`` is not detected."""
     for name, value in attrs:
         name, value = name.lower(), (value or "").strip()
         if name == "hidden" and value.lower() != "until-found":
@@ -287,14 +298,36 @@ class _HTMLText(HTMLParser):
         self.h1: str | None = None
         self._capture: str | None = None
         self._buf: list[str] = []
-        self._hidden: tuple[str, int] | None = None  # (tag of the hidden element, its nesting depth)
+        self._open: list[str] = []  # open elements (void ones never pushed)
+        self._hidden_at: int | None = None  # depth of the outermost open hidden element
+
+    def _close_implied(self, tag: str) -> None:
+        """End tags HTML lets authors leave out: a new <li> closes the open <li>, a block closes an
+        open <p>, and so on (enough of the spec for hiding not to swallow a page)."""
+        while self._open:
+            top = self._open[-1]
+            if (top in _CLOSED_BY_SIBLING and tag in _CLOSED_BY_SIBLING[top]) or (
+                top == "p" and tag in _CLOSES_P
+            ):
+                self._pop_to(len(self._open) - 1)
+            else:
+                return
+
+    def _pop_to(self, depth: int) -> None:
+        del self._open[depth:]
+        if self._hidden_at is not None and len(self._open) < self._hidden_at:
+            self._hidden_at = None
+
+    @property
+    def _hidden(self) -> bool:
+        return self._hidden_at is not None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if self._hidden is not None:
-            if tag == self._hidden[0]:
-                self._hidden = (tag, self._hidden[1] + 1)
-        elif tag not in _VOID and _is_hidden(attrs):
-            self._hidden = (tag, 1)
+        self._close_implied(tag)
+        if tag not in _VOID:
+            self._open.append(tag)
+            if self._hidden_at is None and _is_hidden(attrs):
+                self._hidden_at = len(self._open)
         if tag in self.SKIP and tag != "head":
             self.skip_depth += 1
         if tag in ("title", "h1") and self._capture is None:
@@ -305,9 +338,8 @@ class _HTMLText(HTMLParser):
             self.parts.append(" ")
 
     def handle_endtag(self, tag: str) -> None:
-        if self._hidden is not None and tag == self._hidden[0]:
-            depth = self._hidden[1] - 1
-            self._hidden = None if depth == 0 else (tag, depth)
+        if tag in self._open:  # close it and whatever was left open inside it
+            self._pop_to(len(self._open) - 1 - self._open[::-1].index(tag))
         if tag in self.SKIP and tag != "head" and self.skip_depth:
             self.skip_depth -= 1
         if tag == self._capture:
@@ -321,9 +353,9 @@ class _HTMLText(HTMLParser):
             self.parts.append("\n\n" if tag in ("p", "h1", "h2", "h3", "h4", "h5", "h6") else "\n")
 
     def handle_data(self, data: str) -> None:
-        if self._capture and self._hidden is None:
+        if self._capture and not self._hidden:
             self._buf.append(data)
-        if self.skip_depth or self._hidden is not None or self._capture == "title":
+        if self.skip_depth or self._hidden or self._capture == "title":
             return  # the <title> is metadata, not body text
         self.parts.append(data)
 

@@ -16,6 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from storage.failpoints import failpoint
 from storage.records import QAPair, fact_id_for
 from tasks.chunking import split_sentences
 from tasks.splits import fact_split
@@ -189,21 +190,28 @@ class _CacheWriter:
     A registry write is a DuckDB connect + commit (~50-150 ms on 2 busy cores); done inline for every
     response it serialised the result loop and cost more than the LLM calls it was saving (48 chunks
     at 200 ms and concurrency 16: 8 s instead of 0.6 s). Here each transaction carries every response
-    that arrived during the previous one, so the writer keeps up with any request rate, and a crash
-    loses at most the batch being written.
+    that arrived during the previous one, so the writer keeps up with any request rate.  ``put``
+    returns an event set once the reply is written: the generation loop refills a request slot only
+    after its reply is persisted, so a crash (kill -9) pays again only for the requests in flight,
+    never for a reply already received.
     """
 
     def __init__(self, cache: QACache) -> None:
         self.cache = cache
-        self._queue: queue.SimpleQueue[tuple[str, dict, str, str, int] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[tuple[str, dict, str, str, int], threading.Event] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._run, name="qa-cache-writer", daemon=True)
         self.errors: list[str] = []
         self._thread.start()
 
-    def put(self, key: str, response: dict, model: str, prompt_version: str, tokens: int) -> None:
-        self._queue.put((key, response, model, prompt_version, tokens))
+    def put(self, key: str, response: dict, model: str, prompt_version: str, tokens: int) -> threading.Event:
+        written = threading.Event()
+        self._queue.put(((key, response, model, prompt_version, tokens), written))
+        return written
 
-    def _write(self, batch: list[tuple[str, dict, str, str, int]]) -> None:
+    def _write(self, items: list[tuple[tuple[str, dict, str, str, int], threading.Event]]) -> None:
+        batch = [entry for entry, _ in items]
         try:
             put_many = getattr(self.cache, "put_many", None)
             if put_many is not None:
@@ -214,6 +222,9 @@ class _CacheWriter:
         except Exception as exc:  # the pairs are still returned; only a rerun would pay again
             log.exception("writing %d LLM responses to the cache failed", len(batch))
             self.errors.append(f"{type(exc).__name__}: {exc}")
+        failpoint("qa.cached")
+        for _, written in items:
+            written.set()
 
     def _run(self) -> None:
         while True:
@@ -246,6 +257,16 @@ def cache_key(chunk_text: str, model_id: str, prompt_version: str) -> str:
     its id): the same paragraph in another document is free, and a chunk with no planted order
     keeps the key it always had."""
     return stable_hash(sha256_text(knowledge_text(chunk_text)), model_id, prompt_version)
+
+
+def cache_keys_ever(chunk_text: str, model_id: str, prompt_version: str) -> set[str]:
+    """Every key a reply for this chunk may be cached under: the current one and, for a chunk with
+    an instruction-like sentence, the raw-text key used before those were dropped (a purge deletes
+    both)."""
+    return {
+        cache_key(chunk_text, model_id, prompt_version),
+        stable_hash(sha256_text(chunk_text), model_id, prompt_version),
+    }
 
 
 class _ChunkLike(Protocol):
@@ -318,6 +339,9 @@ def generate_for_chunks(
         get_many = getattr(cache, "get_many", None)
         hits = get_many(list(groups)) if get_many else {k: cache.get(k) for k in groups}
     for key, members in groups.items():
+        if not knowledge_text(members[0].text).strip():  # nothing but planted orders: nothing to ask
+            done += 1
+            continue
         hit = hits.get(key)
         if isinstance(hit, dict) and isinstance(hit.get("pairs"), list):
             result.cache_hits += len(members)
@@ -386,9 +410,10 @@ def _run_pool(
                 break
             finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             replies = [(fut, in_flight.pop(fut)) for fut in finished]
-            # Hand out new work before validating replies: the endpoint stays at full concurrency
-            # while this thread parses and checks what came back.
-            fill(pool)
+            # The replies go to the cache writer first; this thread validates them while they are
+            # written, and the freed slots are refilled (at the top of the loop) only once they are
+            # persisted: a crash never loses a reply that was paid for.
+            persisted: list[threading.Event] = []
             for fut, batch in replies:
                 try:
                     outs = fut.result()
@@ -406,17 +431,21 @@ def _run_pool(
                         result.failed.extend((c.chunk_id, out.error) for c in members)
                     else:
                         if writer is not None:
-                            writer.put(
-                                key,
-                                {"pairs": out.pairs},
-                                generator.model_id,
-                                version,
-                                out.tokens_in + out.tokens_out,
+                            persisted.append(
+                                writer.put(
+                                    key,
+                                    {"pairs": out.pairs},
+                                    generator.model_id,
+                                    version,
+                                    out.tokens_in + out.tokens_out,
+                                )
                             )
                         for chunk in members:
                             pairs_from_response(chunk, out.pairs, generator.name, result, version)
                     done += 1
                 if progress:
                     progress(done, total)
+            for written in persisted:
+                written.wait()
         for batch in queue_:  # left over after the cap
             skip(batch)

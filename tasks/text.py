@@ -90,37 +90,56 @@ def normalize_whitespace(text: str) -> str:
 #: Sentences that address a language model rather than state a fact: override phrases, role or
 #: prompt talk, chat-template markers, and sentences that open with an order to reply.
 _INSTRUCTION = re.compile(
+    # "ignore / disregard ... previous instructions" (the object must be the prompt's own rules)
     r"\b(?:ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}?\b(?:previous|prior|above|earlier|"
-    r"preceding|all|any|your|the|these|those)\b[^.!?\n]{0,30}?\b(?:instructions?|prompts?|rules|"
-    r"directions|guidelines|context|messages?)\b"
-    r"|\b(?:system|developer)\s+(?:prompt|message|instructions?)\b"
-    r"|\bnew\s+instructions?\b|\byou\s+are\s+now\b|\bas\s+an?\s+(?:ai|language\s+model|assistant)\b"
-    r"|<\|[a-z_]+\|>|\[/?inst\]|^\s*(?:system|assistant|user)\s*:"
-    r"|^\s*(?:please\s+)?(?:reply|respond|output|say)\b"
-    r"|\b(?:reply|respond)\s+(?:only\s+)?with\s+(?:the\s+)?(?:word|text|phrase|string|answer)\b",
+    r"preceding|all|any|your|these|those)\s+(?:\w+\s+){0,2}?(?:instructions?|prompts?|rules|"
+    r"directions|guidelines)\b"
+    r"|\b(?:system|developer)\s+(?:prompt|message)\b"
+    r"|\bnew\s+instructions?\s*:"
+    r"|\byou\s+are\s+now\s+(?:a|an|in)\s+(?:\w+\s+){0,2}?(?:mode|assistant|ai|bot|model|persona)\b"
+    r"|\bas\s+an?\s+(?:ai|large\s+language\s+model|language\s+model)\b"
+    r"|<\|[a-z_]+\|>|\[/?inst\]"
+    # a chat-role line: "system:" / "assistant:" followed by an order, not "System: 4-core ARM"
+    r"|^\s*(?:system|assistant)\s*:\s*(?:you|ignore|always|never|reply|respond|answer)\b"
+    # an order to reply that opens the sentence: "Reply with X", "Respond only with ..."
+    r"|^\s*(?:please\s+)?(?:reply|respond|answer|output|say)\s+(?:only\s+|always\s+)?(?:with|that|:|\")"
+    r"|\b(?:reply|respond)\s+(?:only\s+)?with\s+(?:the\s+)?(?:word|text|phrase|string)\b",
     re.I | re.M,
 )
 
 
-def instruction_sentences(text: str) -> list[str]:
-    """The sentences of ``text`` that give orders to a language model (see ``_INSTRUCTION``)."""
-    from tasks.chunking import split_sentences
+#: A segment for the instruction check: up to a sentence end followed by space, or a line break
+#: (finer than tasks.chunking.split_sentences, so only the offending words are dropped).
+_SEGMENT = re.compile(r"[^\n]*?(?:[.!?](?=\s)|(?=\n)|$)", re.S)
 
-    return [s for s in split_sentences(text) if _INSTRUCTION.search(s)]
+
+def _segments(text: str) -> list[tuple[int, int]]:
+    spans, at = [], 0
+    while at < len(text):
+        m = _SEGMENT.match(text, at)
+        end = m.end() if m and m.end() > at else len(text)
+        spans.append((at, end))
+        at = end
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return [(a, b) for a, b in spans if text[a:b].strip()]
+
+
+def instruction_sentences(text: str) -> list[str]:
+    """The sentences (or lines) of ``text`` that give orders to a language model (``_INSTRUCTION``)."""
+    return [text[a:b].strip() for a, b in _segments(text) if _INSTRUCTION.search(text[a:b])]
 
 
 def knowledge_text(text: str) -> str:
     """``text`` without its instruction-like sentences: what QA generation reads and grounds
     answers in, so an order planted in a document never reaches the LLM nor becomes a pair.
-    Unchanged (the same string) when there are none."""
-    planted = instruction_sentences(text)
-    if not planted:
+    The same string when there are none (so its cache key is unchanged)."""
+    drop = [(a, b) for a, b in _segments(text) if _INSTRUCTION.search(text[a:b])]
+    if not drop:
         return text
-    out = text
-    for sentence in planted:
-        out = out.replace(sentence, " ")
-    if any(s in out for s in planted):  # a sentence split differently from the raw text
-        from tasks.chunking import split_sentences
-
-        out = " ".join(s for s in split_sentences(text) if s not in planted)
-    return out
+    out, at = [], 0
+    for a, b in drop:
+        out.append(text[at:a])
+        at = b
+    out.append(text[at:])
+    return "".join(out)

@@ -109,6 +109,10 @@ ADDED_LATER = {
     "replay_kl": False,
 }
 ADDED_LATER_MORAL = {"loramoe": False}
+#: The open-book prompt format (``moe.infer.build_messages``): 2 = passages between <passages>
+#: markers after an instruction that they are data. Recorded for adapters trained with open-book
+#: or distractor examples, so one trained on another format is never reused as identical.
+OPEN_BOOK_PROMPT_VERSION = 2
 
 
 def train_params(settings: Settings, kind: str = "moral") -> dict:
@@ -117,6 +121,11 @@ def train_params(settings: Settings, kind: str = "moral") -> dict:
     params: dict[str, Any] = {"kind": kind, **{name: getattr(settings, name) for name in names}}
     later = ADDED_LATER | (ADDED_LATER_MORAL if kind == "moral" else {})
     params |= {k: getattr(settings, k) for k, old in later.items() if getattr(settings, k) != old}
+    if not settings.mix_general:
+        params.pop("replay_kl", None)  # no general replay: the switch changes nothing trained
+    if settings.mix_open_book or settings.mix_distractors_only:
+        # The open-book prompt's wording is part of what such an adapter learned (moe.infer).
+        params["open_book_prompt"] = OPEN_BOOK_PROMPT_VERSION
     return params
 
 

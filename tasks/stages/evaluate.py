@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.failpoints import failpoint
 from storage.files import write_json_atomic
 from storage.home import scores_path
 from storage.records import Evaluation
@@ -232,6 +233,7 @@ def evaluate_stage(
     reg.record_evaluations(
         [Evaluation(version=version, run_id=run_id, **r) for r in rows]  # type: ignore[arg-type]
     )
+    failpoint("evaluate.recorded")
     means = {
         key: {
             model: {m: float(sum(v) / len(v)) for m, v in metrics.items() if v}

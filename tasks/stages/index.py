@@ -77,6 +77,7 @@ def _move(reg: Registry, new: Sequence, rows: list[int], run_id: str, split: str
 
 def index_stage(settings: Settings, run_id: str, progress: Progress | None = None) -> IndexSummary:
     """Dedup the pairs not yet indexed (within the batch and against Chroma), then upsert pairs and chunks."""
+    from storage.failpoints import failpoint
     from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
     from tasks.dedup import dedup_pairs, embedding_text
     from tasks.index import exclude, index_chunks, index_qa, migrate_qa_keys, restore, retire
@@ -109,6 +110,7 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
         kept_pairs = [new_pairs[i] for i in rows]
         kept, out.qa_held_out, out.qa_dev, close = hold_out_wordings(reg, store, kept_pairs, pairs, run_id)
+        failpoint("index.registry")
         out.qa_duplicates += close
         moved = {p.qa_id: p for p in reg.qa_pairs(ids=[kept_pairs[i].qa_id for i in kept])}
         out.qa_indexed = index_qa(

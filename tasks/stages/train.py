@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.failpoints import failpoint
 from storage.files import write_json_atomic
 from storage.home import training_log_path
 from storage.registry import Registry
@@ -140,6 +141,7 @@ def train_stage(
         bank_init=selection,
         examples=examples,
     )
+    failpoint("train.artifact")
     roles = {p.qa_id: "delta" for p in delta} | {p.qa_id: "replay" for p in replay}
     version = reg.create_version(
         run_id=run_id,
@@ -188,6 +190,7 @@ def gather_examples(
     model: the delta pairs' chunks and the nearest other chunks (distractors) for the open-book
     kinds, the chunks of the delta's documents, and the base model's own answers to the replay
     prompts (computed once per base model, memoised with the evaluation's base outputs)."""
+    from tasks.text import knowledge_text
     from tasks.train import build_examples, example_counts
 
     k = settings.mix_passages
@@ -214,7 +217,10 @@ def gather_examples(
         chunk_of=chunk_of,
         chunk_text=chunk_text,
         distractors=distractors,
-        documents=[(c.chunk_id, c.text) for c in doc_chunks] if settings.mix_document_text else (),
+        # The text without instruction-like sentences: a planted order is not learned as knowledge.
+        documents=[(c.chunk_id, knowledge_text(c.text)) for c in doc_chunks]
+        if settings.mix_document_text
+        else (),
         general=general,
         k=k,
     )

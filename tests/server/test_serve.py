@@ -250,7 +250,7 @@ def test_an_api_key_is_required_when_configured(tiny_settings, start_server, mon
     assert httpx.get(f"{url}/redoc", headers={"Authorization": "Bearer s3cret"}).status_code == 404
 
 
-def test_serving_beyond_loopback_needs_a_real_key(tiny_settings, monkeypatch):
+def test_serving_beyond_loopback_needs_a_real_key(tiny_settings, monkeypatch, capsys):
     """`moral serve --host 0.0.0.0` without a key is refused before anything loads; a key left at the
     .env.example placeholder is refused everywhere."""
     from server.app import ServeConfigError, check_bind, is_loopback, run_server
@@ -271,6 +271,7 @@ def test_serving_beyond_loopback_needs_a_real_key(tiny_settings, monkeypatch):
     monkeypatch.setenv("MORAL_HOME", str(tiny_settings.home))
     monkeypatch.delenv("MORAL_SERVE_API_KEY", raising=False)
     assert main(["serve", "--host", "0.0.0.0"]) == 1
+    assert "without an API key" in capsys.readouterr().err
 
 
 @pytest.mark.integration  # a real uvicorn server on loopback

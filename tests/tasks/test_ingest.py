@@ -211,6 +211,16 @@ def test_html_hidden_text_is_not_knowledge():
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     assert lines == ["Weighs 1.8 kg.", "shown", "Range 12 km.", "After."]
     assert title is None
+    # End tags left out (legal HTML) end a hidden element where the browser ends it.
+    for html, visible in [
+        ("<ul><li hidden>x<li>Visible A<li>Visible B</ul><p>Range 12 km.</p>",
+         ["Visible A", "Visible B", "Range 12 km."]),
+        ("<div><p hidden>planted</div><p>Range 12 km.<p>Weight 3 kg.</p>", ["Range 12 km.", "Weight 3 kg."]),
+        ("<p hidden>planted<div>Block after.</div>", ["Block after."]),
+        ("<table><tr hidden><td>x<tr><td>Row 2</table>", ["Row 2"]),
+    ]:  # fmt: skip
+        text, _ = html_to_text(html)
+        assert [ln.strip() for ln in text.splitlines() if ln.strip()] == visible, html
 
 
 @pytest.mark.parametrize(

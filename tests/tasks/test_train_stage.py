@@ -171,7 +171,10 @@ def test_recorded_params_keep_earlier_keys_and_configs_come_from_settings(tiny_s
                            "warm_start", "num_experts", "top_k"}  # fmt: skip
     # the example mix is recorded where it differs from what adapters before it were trained with
     mixed = train_params(tiny_settings.model_copy(update=ADDED_LATER | {"mix_open_book": 0.15}))
-    assert set(mixed) - set(params) == {"mix_open_book"}
+    assert set(mixed) - set(params) == {"mix_open_book", "open_book_prompt"}  # and the prompt it saw
+    # replay_kl changes nothing without general replay, so it is not recorded then
+    assert "replay_kl" not in train_params(tiny_settings.model_copy(update={"mix_general": 0.0}))
+    assert train_params(tiny_settings.model_copy(update={"mix_general": 0.5}))["replay_kl"] is True
     assert train_params(tiny_settings.model_copy(update={"loramoe": True}))["loramoe"] is True
     assert "num_experts" not in train_params(tiny_settings, kind="lora")
     tcfg = train_config(tiny_settings)
