@@ -203,7 +203,9 @@ def load_entry(entry: BankEntry, verified: set[tuple[str, str | None]] | None = 
 
     directory = Path(entry.path)
     if entry.source == "external":
-        if entry.weights_sha256 and sha256_file(directory / WEIGHTS_NAME) != entry.weights_sha256:
+        if not entry.weights_sha256:
+            raise BankError(f"bank entry {entry.name}: no weights checksum recorded; register it again")
+        if sha256_file(directory / WEIGHTS_NAME) != entry.weights_sha256:
             raise BankError(f"{directory}: the adapter's weights changed since it was registered")
         return read_peft_lora(directory)
     _verify_version_files(entry, set() if verified is None else verified)

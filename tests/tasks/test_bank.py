@@ -215,6 +215,8 @@ def test_a_promoted_versions_experts_are_verified_before_they_seed(tiny, tiny_mo
 
     with pytest.raises(BankError, match="no checksum recorded"):
         load_entry(replace(entries[0], artifact_sha256=None))
+    with pytest.raises(BankError, match="no weights checksum"):  # nor an external one
+        load_entry(replace(entries[-1], weights_sha256=None))
 
 
 def test_train_stage_initialises_from_the_bank(tiny, tiny_model_dir):
