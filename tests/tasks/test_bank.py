@@ -117,25 +117,26 @@ def tiny(settings, tiny_model_dir: Path):
     )
 
 
-def test_selection_scores_chooses_and_records(tiny, tiny_model_dir, tmp_path):
+def _bank_of_five(tiny, tiny_model_dir, tmp_path):
+    """A registry with a promoted 4-expert version and one registered LoRA: a bank of 5.
+    Returns (registry, train pairs, base sha, the version's TrainOutcome)."""
     from tasks.bank import add_external
 
     reg = Registry.from_settings(tiny)
     train, _ = _seed_registry(reg)
     sha = model_identity(tiny_model_dir)["sha256"]
-    # A promoted version (4 experts) and one registered LoRA make a bank of 5.
     out = train_candidate(
         tiny, tiny_model_dir, sha, [TrainPair(p.qa_id, p.question, p.answer) for p in train]
     )
     v1 = reg.create_version(run_id="r0", base_model_sha256=sha, artifact_uri=str(out.artifact_dir),
                             artifact_sha256=out.sha256, params=out.params)  # fmt: skip
     reg.decide_version(v1, "promoted", ["test"], actor="test")
-    add_external(
-        Registry.from_settings(tiny),
-        tiny,
-        save_peft_lora(tiny_model_dir, tmp_path / "ext", rank=2),
-        name="ext",
-    )
+    add_external(reg, tiny, save_peft_lora(tiny_model_dir, tmp_path / "ext", rank=2), name="ext")
+    return reg, train, sha, out
+
+
+def test_selection_scores_chooses_and_records(tiny, tiny_model_dir, tmp_path):
+    reg, train, sha, out = _bank_of_five(tiny, tiny_model_dir, tmp_path)
     entries = reg.bank_entries(base_model_sha256=sha)
     assert [e.name for e in entries] == ["v1/e0", "v1/e1", "v1/e2", "v1/e3", "ext"]
     assert entries[0].targets == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
@@ -182,18 +183,9 @@ def test_a_promoted_versions_experts_are_verified_before_they_seed(tiny, tiny_mo
     """Bank entries from promoted versions are checked against the version's recorded checksum, as
     external ones are against theirs: changed weights or a missing checksum skip the entry, with
     the reason, and the selection goes on with what verifies."""
-    from tasks.bank import BankError, add_external
+    from tasks.bank import BankError
 
-    reg = Registry.from_settings(tiny)
-    train, _ = _seed_registry(reg)
-    sha = model_identity(tiny_model_dir)["sha256"]
-    out = train_candidate(
-        tiny, tiny_model_dir, sha, [TrainPair(p.qa_id, p.question, p.answer) for p in train]
-    )
-    v1 = reg.create_version(run_id="r0", base_model_sha256=sha, artifact_uri=str(out.artifact_dir),
-                            artifact_sha256=out.sha256, params=out.params)  # fmt: skip
-    reg.decide_version(v1, "promoted", ["test"], actor="test")
-    add_external(reg, tiny, save_peft_lora(tiny_model_dir, tmp_path / "ext", rank=2), name="ext")
+    reg, train, sha, out = _bank_of_five(tiny, tiny_model_dir, tmp_path)
     entries = reg.bank_entries(base_model_sha256=sha)
     assert entries[0].artifact_sha256 == out.sha256
     load_entry(entries[0])  # verifies
