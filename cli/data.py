@@ -1,7 +1,8 @@
 """Looking at the data before training: ``moral qa``, ``moral quarantine``, ``moral docs``.
 
 ``qa list`` / ``qa exclude`` let a user inspect the generated pairs and drop bad ones before paying
-for training (an excluded pair is never trained on, replayed or evaluated). ``quarantine list`` shows
+for training (an excluded pair is never trained on, replayed or evaluated); ``qa regenerate`` renews
+the pairs of chunks generated with another model, prompt or settings. ``quarantine list`` shows
 the files that could not be ingested and why; ``quarantine retry`` makes the *next* ``moral refresh``
 read them again (a retry needs the source folder and the parsing settings of a run, and doing it in
 the run keeps one writer of the corpus). ``docs purge`` deletes a document's data for good.
@@ -46,7 +47,10 @@ def cmd_qa_list(args: argparse.Namespace) -> int:
         for p in reg.qa_pairs(split=args.split, status=status):
             if doc_ids is not None and p.doc_id not in doc_ids:
                 continue
-            if args.status is not None or p.status != "retired":  # default: what can still be trained
+            if args.status is not None or p.status not in (
+                "retired",
+                "superseded",
+            ):  # what can still be trained
                 rows.append(
                     {
                         "qa_id": p.qa_id,
@@ -93,6 +97,60 @@ def cmd_qa_exclude(args: argparse.Namespace) -> int:
             f"excluded {changed} pair(s)"
             + (f" ({len(ids) - changed} already excluded)" if changed < len(ids) else "")
         )
+    return 0
+
+
+def cmd_qa_regenerate(args: argparse.Namespace) -> int:
+    """Renew the pairs of chunks generated another way than the current settings say (under the
+    refresh lock, so never beside a refresh)."""
+    from dataclasses import asdict
+
+    from storage.lock import refresh_lock
+    from storage.settings import get_settings
+    from tasks.documents import match_documents
+    from tasks.stages.qa import regenerate_stage
+
+    settings = get_settings()
+    reg = _registry(settings, must_exist=True)
+    assert reg is not None
+    doc_ids: list[str | None] = [None]
+    if args.doc:
+        matched = match_documents(reg, args.doc)
+        if not matched:
+            raise ValueError(f"no document recorded at {args.doc}")
+        doc_ids = sorted({d.doc_id for d in matched})
+    progress = None if args.json else (lambda line: print(line, file=sys.stderr))
+    with refresh_lock(settings.home, purpose="qa regenerate"):
+        parts = [
+            regenerate_stage(settings, progress=progress, doc_id=d, dry_run=args.dry_run) for d in doc_ids
+        ]
+    total = asdict(parts[0])
+    for part in parts[1:]:
+        for k, v in asdict(part).items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                total[k] += v
+            elif isinstance(v, list):
+                total[k] += v
+    if args.json:
+        print_json(total)
+        return 0
+    if args.dry_run:
+        print(f"{total['chunks_on_old_fingerprint']} chunks would be regenerated with {total['fingerprint']}")
+    elif total["chunks_on_old_fingerprint"] == 0:
+        print(f"every chunk's pairs are from {total['fingerprint']}: nothing to regenerate")
+    else:
+        print(
+            f"regenerated {total['chunks_regenerated']} of {total['chunks_on_old_fingerprint']} chunks: "
+            f"{total['pairs_new']} new pairs, {total['pairs_superseded']} superseded, {total['pairs_back']} back; "
+            f"{total['llm_calls']} LLM calls, {total['cache_hits']} cache hits"
+        )
+        left = len(total["qa_failed"]) + total["skipped_by_cap"]
+        if left:
+            print(
+                f"{left} chunks keep their old pairs (failed or over a spend cap): run it again",
+                file=sys.stderr,
+            )
+        print("the next `moral refresh` indexes and trains the new pairs")
     return 0
 
 
@@ -182,13 +240,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the ``moral`` parser."""
     qa = sub.add_parser("qa", help="inspect generated question/answer pairs; exclude bad ones")
     qa_sub = qa.add_subparsers(dest="qa_command", required=True)
-    p = qa_sub.add_parser("list", help="list QA pairs (not retired ones unless --status says so)")
+    p = qa_sub.add_parser(
+        "list", help="list QA pairs (not retired or superseded ones unless --status says so)"
+    )
     p.add_argument("--doc", metavar="PATH", help="only the pairs of this document")
     p.add_argument("--split", choices=["train", "dev", "eval"], help="only this split")
     p.add_argument(
         "--status",
-        choices=["active", "duplicate", "excluded", "retired", "all"],
-        help="only this status (default: every status but retired)",
+        choices=["active", "duplicate", "excluded", "retired", "superseded", "all"],
+        help="only this status (default: every status but retired and superseded)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON list with full ids")
     p.set_defaults(func=cmd_qa_list)
@@ -197,6 +257,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reason", default="excluded by operator", help="recorded in the audit log")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_qa_exclude)
+    p = qa_sub.add_parser(
+        "regenerate",
+        help="renew the pairs of chunks generated with another model, prompt or MORAL_QA_* setting "
+        "(their old pairs superseded; cached replies reused)",
+    )
+    p.add_argument("--doc", metavar="PATH", help="only the chunks of this document")
+    p.add_argument("--dry-run", action="store_true", help="only count the chunks it would regenerate")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_qa_regenerate)
 
     q = sub.add_parser("quarantine", help="files that could not be ingested")
     q_sub = q.add_subparsers(dest="quarantine_command", required=True)

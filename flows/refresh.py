@@ -255,6 +255,8 @@ def _qa_fields(qa) -> dict:
         "llm_calls": qa.llm_calls,
         "llm_tokens": qa.llm_tokens,
         "llm_cache_hits": qa.cache_hits,
+        "qa_fingerprint": qa.fingerprint,
+        "chunks_on_old_fingerprint": qa.chunks_on_old_fingerprint,
     }
 
 

@@ -306,6 +306,76 @@ class CorpusMixin(Database):
             params.append(limit)
         return self.read(Chunk, sql, params)
 
+    def chunks_on_old_fingerprint(self, fingerprint: str, doc_id: str | None = None) -> list[Chunk]:
+        """Active chunks finished with QA under another generation than ``fingerprint`` (or before
+        fingerprints were recorded): ``moral qa regenerate`` renews their pairs."""
+        sql = (
+            "SELECT * FROM chunks WHERE status = 'active' AND qa_done "
+            "AND qa_fingerprint IS DISTINCT FROM ? AND (? IS NULL OR doc_id = ?) ORDER BY doc_id, idx"
+        )
+        return self.read(Chunk, sql, [fingerprint, doc_id, doc_id])
+
+    def count_chunks_on_old_fingerprint(self, fingerprint: str) -> int:
+        with self.transaction() as con:
+            row = con.execute(
+                "SELECT count(*) FROM chunks WHERE status = 'active' AND qa_done "
+                "AND qa_fingerprint IS DISTINCT FROM ?",
+                [fingerprint],
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+    def record_regeneration(
+        self,
+        pairs: Iterable[QAPair],
+        done: Iterable[str],
+        fingerprint: str,
+        run_id: str | None = None,
+        actor: str | None = None,
+    ) -> tuple[int, list[str], int]:
+        """The outcome of ``moral qa regenerate`` in ONE transaction, for the chunks in ``done``
+        (generated anew): the new pairs inserted; the chunks' other live pairs (active or
+        duplicate) ``superseded``; a pair this generation made again that an earlier regeneration
+        had superseded comes back as what it was; the chunks' fingerprint recorded.  Excluded pairs
+        stay excluded.  Returns (pairs new, ids superseded, pairs brought back)."""
+        ids = list(dict.fromkeys(done))
+        pairs = list(pairs)
+        if not ids:
+            return 0, [], 0
+        keep = sorted({p.qa_id for p in pairs})
+        with self.transaction() as con:
+            added = _insert_pairs(con, pairs, run_id)
+            back = len(
+                con.execute(
+                    "UPDATE qa_pairs SET status = CASE WHEN duplicate_of IS NULL THEN 'active' "
+                    "ELSE 'duplicate' END WHERE list_contains(?::VARCHAR[], qa_id) "
+                    "AND status = 'superseded' RETURNING qa_id",
+                    [keep],
+                ).fetchall()
+            )
+            gone = [
+                r[0]
+                for r in con.execute(
+                    "UPDATE qa_pairs SET status = 'superseded' WHERE list_contains(?::VARCHAR[], chunk_id) "
+                    "AND status IN ('active', 'duplicate') AND NOT list_contains(?::VARCHAR[], qa_id) "
+                    "RETURNING qa_id",
+                    [ids, keep],
+                ).fetchall()
+            ]
+            con.execute(
+                "UPDATE chunks SET qa_fingerprint = ?, qa_done = true WHERE list_contains(?::VARCHAR[], chunk_id)",
+                [fingerprint, ids],
+            )
+            con.execute("DELETE FROM qa_failures WHERE list_contains(?::VARCHAR[], chunk_id)", [ids])
+            detail = {
+                "chunks": len(ids),
+                "fingerprint": fingerprint,
+                "pairs_new": added,
+                "pairs_superseded": len(gone),
+                "pairs_back": back,
+            }
+            event(con, "qa.regenerated", run_id=run_id, actor=actor, detail=detail)
+            return added, sorted(gone), back
+
     def mark_chunks_qa_done(self, chunk_ids: Iterable[str], run_id: str | None = None) -> int:
         """Mark chunks as finished with QA generation (even with 0 valid pairs) and clear their failures."""
         ids = list(dict.fromkeys(chunk_ids))
@@ -360,15 +430,21 @@ class CorpusMixin(Database):
         done: Iterable[str],
         failures: Sequence[tuple[str, str]] = (),
         run_id: str | None = None,
+        fingerprint: str | None = None,
     ) -> int:
         """The outcome of one QA stage in ONE transaction: new pairs, the chunks finished (their
-        failures cleared) and the chunks that failed (attempts counted, retried by the next run).
-        Pairs and the 'done' flag land together, so a crash never marks a chunk done without its pairs.
-        Returns how many pairs were new."""
+        failures cleared, the generation's ``fingerprint`` recorded) and the chunks that failed
+        (attempts counted, retried by the next run). Pairs and the 'done' flag land together, so a
+        crash never marks a chunk done without its pairs. Returns how many pairs were new."""
         ids = list(dict.fromkeys(done))
         now = utcnow()
         with self.transaction() as con:
             added = _insert_pairs(con, pairs, run_id)
+            if ids and fingerprint is not None:
+                con.execute(
+                    "UPDATE chunks SET qa_fingerprint = ? WHERE list_contains(?::VARCHAR[], chunk_id)",
+                    [fingerprint, ids],
+                )
             if ids:
                 n = len(
                     con.execute(

@@ -35,7 +35,7 @@ class Migration:
 
 
 _STATUS_DOC = "'active', 'retired', 'quarantined'"
-_STATUS_QA = "'active', 'duplicate', 'excluded', 'retired'"
+_STATUS_QA = "'active', 'duplicate', 'excluded', 'retired'"  # migration 8 adds 'superseded'
 _STATUS_VERSION = "'candidate', 'promoted', 'rejected', 'revoked'"
 
 # Ids are text where they are deterministic hashes (documents, chunks, pairs) so re-running a stage
@@ -147,11 +147,36 @@ def _facts_and_keys(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("DROP TABLE _keys")
 
 
+def _fingerprints(con: duckdb.DuckDBPyConnection) -> None:
+    """Each chunk records the fingerprint of the generation that made its pairs (``NULL``: made
+    before fingerprints were recorded, so counted as on an old one), and a pair replaced by a
+    regeneration is ``superseded``.  DuckDB cannot alter a CHECK constraint, so ``qa_pairs`` is
+    rebuilt from its own DDL with the wider status list, and its indexes recreated."""
+    con.execute("ALTER TABLE chunks ADD COLUMN qa_fingerprint TEXT")
+    row = con.execute("SELECT sql FROM duckdb_tables() WHERE table_name = 'qa_pairs'").fetchone()
+    assert row is not None
+    old_check = "'excluded', 'retired')"
+    if row[0].count(old_check) != 1:
+        raise MigrationError(f"qa_pairs status constraint not as expected: {row[0]}")
+    ddl = row[0].replace(old_check, "'excluded', 'retired', 'superseded')")
+    ddl = ddl.replace("CREATE TABLE qa_pairs(", "CREATE TABLE qa_pairs__new(", 1)
+    indexes = [
+        r[0] for r in con.execute("SELECT sql FROM duckdb_indexes() WHERE table_name = 'qa_pairs'").fetchall()
+    ]
+    con.execute(ddl)
+    con.execute("INSERT INTO qa_pairs__new SELECT * FROM qa_pairs")
+    con.execute("DROP TABLE qa_pairs")
+    con.execute("ALTER TABLE qa_pairs__new RENAME TO qa_pairs")
+    for sql in indexes:
+        con.execute(sql)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "version lineage: pairs trained on", _VERSION_PAIRS),
     Migration(6, "adapter bank: registered external LoRA adapters", _BANK_ENTRIES),
     Migration(7, "fact ids; question keys under the one answer normalisation", _facts_and_keys),
+    Migration(8, "chunk QA generation fingerprints; superseded pairs", _fingerprints),
 )
 
 

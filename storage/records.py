@@ -17,7 +17,7 @@ from typing import Any, Literal
 from storage.text import fact_key, normalize_question
 
 DocStatus = Literal["active", "retired", "quarantined"]
-QAStatus = Literal["active", "duplicate", "excluded", "retired"]
+QAStatus = Literal["active", "duplicate", "excluded", "retired", "superseded"]
 Split = Literal["train", "dev", "eval"]
 VersionStatus = Literal["candidate", "promoted", "rejected", "revoked"]
 VersionKind = Literal["moral", "lora"]
@@ -145,6 +145,7 @@ class Chunk:
     qa_done: bool = False
     run_id: str | None = None
     created_at: datetime | None = None
+    qa_fingerprint: str | None = None  # the generation that made its pairs (``tasks.qa.fingerprint``)
 
     @classmethod
     def new(

@@ -155,17 +155,37 @@ def restore(store: Any, doc_ids: Sequence[str]) -> int:
     return set_status(store, doc_ids, "active")
 
 
-def exclude(store: Any, qa_ids: Sequence[str]) -> int:
-    """Flag these pairs ``excluded`` in the index, as the registry has them: dedup matches active
-    pairs only, so a new pair like an excluded one is no longer dropped as its duplicate. A retired
-    document's restore leaves them excluded. Returns how many records changed."""
+def flag_pairs(store: Any, qa_ids: Sequence[str], status: str) -> int:
+    """Flag these pairs ``status`` in the index (those not flagged so already); returns how many
+    records changed.  Dedup matches active pairs only."""
     ids = sorted(set(qa_ids))
     changed = 0
     for start in range(0, len(ids), _IN_BATCH):
         changed += store.set_metadata(
-            QA_PAIRS,
-            ids[start : start + _IN_BATCH],
-            {"status": "excluded"},
-            where={"status": {"$ne": "excluded"}},
+            QA_PAIRS, ids[start : start + _IN_BATCH], {"status": status}, where={"status": {"$ne": status}}
         )
+    return changed
+
+
+def exclude(store: Any, qa_ids: Sequence[str]) -> int:
+    """Flag these pairs ``excluded`` in the index, as the registry has them: dedup matches active
+    pairs only, so a new pair like an excluded one is no longer dropped as its duplicate. A retired
+    document's restore leaves them excluded. Returns how many records changed."""
+    return flag_pairs(store, qa_ids, "excluded")
+
+
+def sync_superseded(store: Any, superseded: Sequence[str], status_of: Any) -> int:
+    """Flag ``superseded`` pairs (replaced by ``moral qa regenerate``) so in the index, and give
+    pairs flagged so that a later regeneration brought back their registry status again
+    (``status_of(ids) -> {qa_id: status}``).  A document's retire/restore leaves the flag alone.
+    Returns how many records changed."""
+    changed = flag_pairs(store, superseded, "superseded")
+    gone = set(superseded)
+    flagged = [i for i in store.ids(QA_PAIRS, where={"status": "superseded"}) if i not in gone]
+    by_status: dict[str, list[str]] = {}
+    for qa_id, status in (status_of(flagged) if flagged else {}).items():
+        if status != "superseded":
+            by_status.setdefault(status, []).append(qa_id)
+    for status, ids in sorted(by_status.items()):
+        changed += flag_pairs(store, ids, status)
     return changed

@@ -252,6 +252,24 @@ class _CacheWriter:
         self._thread.join()
 
 
+#: Bump when the checks that keep or reject generated pairs (``validate_pair``,
+#: ``pairs_from_response``) change: cached replies stay valid, the chunks' pairs do not.
+CHECKS_VERSION = "checks-v1"
+
+
+def fingerprint(model_id: str, prompt_version: str) -> str:
+    """What a chunk's pairs depend on besides its text: the generator's model, its prompt and
+    settings (``prompt_version``: facts per chunk, wordings per fact) and the checks that keep pairs.
+    Recorded per chunk; a chunk on another fingerprint was generated another way (counted by the
+    refresh, renewed by ``moral qa regenerate``). The cache key is a part of it, so a chunk whose
+    prompt and model did not change is regenerated from the cache without a call."""
+    return f"{model_id}|{prompt_version}|{CHECKS_VERSION}"
+
+
+def generator_fingerprint(generator: Any) -> str:
+    return fingerprint(generator.model_id, generator.prompt_version)
+
+
 def cache_key(chunk_text: str, model_id: str, prompt_version: str) -> str:
     """Keyed by the text the generator is sent (the chunk's, without instruction-like sentences; not
     its id): the same paragraph in another document is free, and a chunk with no planted order

@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 #: Bump when the prompt, schema or parsing changes: it is part of the cache key (with the facts per
 #: chunk and wordings per fact, which the instance's ``prompt_version`` adds).
 PROMPT_VERSION = "qa-v3"
+
+
+def openai_prompt_version(pairs_per_chunk: int, wordings_per_fact: int) -> str:
+    """The ``prompt_version`` of a generator with these settings (computable without a client)."""
+    return f"{PROMPT_VERSION}:f{pairs_per_chunk}w{wordings_per_fact}"
+
+
 DOC_START = "<<<DOCUMENT>>>"
 DOC_END = "<<<END DOCUMENT>>>"
 
@@ -222,7 +229,7 @@ class OpenAIQAGenerator:
         self.base_url = base_url
         self.timeout_s, self.max_retries, self.pairs_per_chunk = timeout_s, max_retries, pairs_per_chunk
         self.wordings_per_fact = wordings_per_fact
-        self.prompt_version = f"{PROMPT_VERSION}:f{pairs_per_chunk}w{wordings_per_fact}"
+        self.prompt_version = openai_prompt_version(pairs_per_chunk, wordings_per_fact)
         self.structured, self.temperature, self.max_output_tokens = structured, temperature, max_output_tokens
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.max_retry_after_s, self.malformed_retries = max_retry_after_s, malformed_retries

@@ -33,6 +33,11 @@ def summary_text(s: dict) -> str:
         f"  qa: {s['qa_generated']} pairs generated, {s['qa_duplicates']} duplicates, {s['qa_indexed']} indexed, "
         f"{s.get('qa_failed', 0)} chunks failed; {s['llm_calls']} LLM calls, {s.get('llm_tokens', 0)} tokens"
     )
+    if s.get("chunks_on_old_fingerprint"):
+        lines.append(
+            f"  qa: {s['chunks_on_old_fingerprint']} chunks keep pairs from an older generation (model, prompt "
+            "or pairs/wordings settings changed since); `moral qa regenerate` renews them"
+        )
     if (
         s["documents_new"] == 0
         and s["qa_generated"] == 0

@@ -45,6 +45,12 @@ from tasks.text import normalize_answer, normalize_question
 # v5: a wording with the synonym list's words said the other way; stricter wrong-kind words.
 LOCAL_PROMPT_VERSION = "local-qg-v5"
 
+
+def local_prompt_version(pairs_per_chunk: int, variants: int) -> str:
+    """The local generator's ``prompt_version`` for these settings (computable without the model)."""
+    return f"{LOCAL_PROMPT_VERSION}:f{pairs_per_chunk}w{variants}"
+
+
 SYSTEM = "You turn a fact into a quiz question. Reply with the question only."
 SHOTS = (
     (
@@ -113,7 +119,7 @@ class LocalQAGenerator:
         self.pairs_per_chunk = pairs_per_chunk
         self.variants = variants
         # Part of the cache key and recorded with every pair: what changes the output is in it.
-        self.prompt_version = f"{LOCAL_PROMPT_VERSION}:f{pairs_per_chunk}w{variants}"
+        self.prompt_version = local_prompt_version(pairs_per_chunk, variants)
         # Some facts give no valid question: ask about a few more than are kept.
         self.candidates_per_chunk = candidates_per_chunk or pairs_per_chunk + 3
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens

@@ -23,6 +23,7 @@ class IndexSummary:
     qa_dev: int = 0  # new train-fact wordings held out as dev (checkpoint choice)
     qa_rekeyed: int = 0  # indexed pairs re-keyed under the current answer normalisation
     excluded_vectors: int = 0  # indexed pairs flagged excluded as the registry has them
+    superseded_vectors: int = 0  # indexed pairs flagged (or unflagged) superseded as the registry has them
 
 
 def hold_out_wordings(
@@ -73,6 +74,16 @@ def _move(reg: Registry, new: Sequence, rows: list[int], run_id: str, split: str
         moved = {p.qa_id for p in reg.qa_pairs(split=split, ids=ids)}
         rows = [i for i in rows if new[i].qa_id in moved]
     return rows
+
+
+def sync_pair_flags(reg: Registry, store) -> int:
+    """The index's ``superseded`` flags made to agree with the registry (``tasks.index.sync_superseded``)."""
+    from tasks.index import sync_superseded
+
+    def status_of(ids):
+        return {p.qa_id: p.status for p in reg.qa_pairs(status=None, ids=list(ids))}
+
+    return sync_superseded(store, [p.qa_id for p in reg.qa_pairs(status="superseded")], status_of)
 
 
 def index_stage(settings: Settings, run_id: str, progress: Progress | None = None) -> IndexSummary:
@@ -126,6 +137,9 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         out.chunks_indexed = index_chunks(store, new_chunks, meta, run_id)
     # Pairs an operator excluded are excluded in the index too (homes from before that was done).
     out.excluded_vectors = exclude(store, [p.qa_id for p in reg.qa_pairs(status="excluded")])
+    # Pairs a regeneration replaced (or brought back), as the registry has them (a crash of
+    # `moral qa regenerate` after its registry commit is mended here).
+    out.superseded_vectors = sync_pair_flags(reg, store)
     all_docs = reg.documents()
     retired = [d.doc_id for d in all_docs if d.status == "retired"]
     if retired:

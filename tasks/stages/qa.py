@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from storage.registry import Registry
 from storage.settings import Settings
@@ -23,6 +24,8 @@ class QASummary:
     llm_tokens: int = 0
     cache_hits: int = 0
     generator: str | None = None
+    fingerprint: str | None = None  # the generation recorded for the chunks done here
+    chunks_on_old_fingerprint: int = 0  # done under another generation: `moral qa regenerate`
 
 
 def make_generator(settings: Settings):
@@ -51,6 +54,24 @@ def make_generator(settings: Settings):
     )
 
 
+def settings_fingerprint(settings: Settings) -> str:
+    """The fingerprint (``tasks.qa.fingerprint``) of the generator ``make_generator`` builds from
+    these settings, known without loading a model or opening a client."""
+    from tasks.qa import fingerprint
+
+    if settings.qa_backend == "openai":
+        from tasks.qa_openai import openai_prompt_version
+
+        version = openai_prompt_version(settings.qa_pairs_per_chunk, settings.qa_wordings_per_fact)
+        return fingerprint(settings.qa_model or "", version)
+    from moe.base_model import BUNDLED_DIRNAME
+    from tasks.qa_local.generator import local_prompt_version
+
+    name = Path(settings.base_model).expanduser().name if settings.base_model else BUNDLED_DIRNAME
+    version = local_prompt_version(settings.qa_pairs_per_chunk, settings.qa_wordings_per_fact)
+    return fingerprint(f"local:{name}", version)
+
+
 def qa_stage(
     settings: Settings,
     run_id: str,
@@ -63,7 +84,7 @@ def qa_stage(
     ``chunk_ids`` restricts the stage to those chunks: one shard of a run fanned out over a task
     runner (see ``qa_shards``); the spend caps in ``settings`` then apply to the shard.
     """
-    from tasks.qa import RegistryCache, generate_for_chunks
+    from tasks.qa import RegistryCache, generate_for_chunks, generator_fingerprint
 
     reg = Registry.from_settings(settings)
     chunks = reg.chunks_without_qa()
@@ -71,11 +92,22 @@ def qa_stage(
         wanted = set(chunk_ids)
         chunks = [c for c in chunks if c.chunk_id in wanted]
     out = QASummary(chunks_pending=len(chunks))
+    out.fingerprint = (
+        generator_fingerprint(generator) if generator is not None else settings_fingerprint(settings)
+    )
+    out.chunks_on_old_fingerprint = reg.count_chunks_on_old_fingerprint(out.fingerprint)
+    if out.chunks_on_old_fingerprint:
+        say(
+            progress,
+            f"qa: {out.chunks_on_old_fingerprint} chunks have pairs from another generation than "
+            f"{out.fingerprint} (model, prompt or settings changed); `moral qa regenerate` renews them",
+        )
     if not chunks:
         say(progress, "qa: no new chunks, no LLM call")
         return out
     gen = generator or make_generator(settings)
     out.generator = getattr(gen, "name", type(gen).__name__)
+    out.fingerprint = generator_fingerprint(gen)
     say(progress, f"qa: generating question/answer pairs for {len(chunks)} chunks with {out.generator}")
 
     step = max(1, len(chunks) // 20)
@@ -99,7 +131,9 @@ def qa_stage(
     skipped = set(result.skipped_by_cap)
     done = [c.chunk_id for c in chunks if c.chunk_id not in failed and c.chunk_id not in skipped]
     # Pairs, done flags and failures in one transaction; a failed chunk is retried by the next run.
-    out.qa_generated = reg.record_qa_results(records, done, result.failed, run_id=run_id)
+    out.qa_generated = reg.record_qa_results(
+        records, done, result.failed, run_id=run_id, fingerprint=out.fingerprint
+    )
     out.qa_failed = [{"chunk_id": cid, "error": err} for cid, err in result.failed]
     out.qa_rejected = len(result.rejected)
     out.skipped_by_cap = len(skipped)
@@ -132,6 +166,9 @@ def merge_qa(parts: Sequence[QASummary]) -> QASummary:
     out = QASummary(chunks_pending=sum(p.chunks_pending for p in parts))
     for p in parts:
         out.generator = out.generator or p.generator
+        out.fingerprint = out.fingerprint or p.fingerprint
+        # Each shard counts the whole home's chunks on an old generation: the same number.
+        out.chunks_on_old_fingerprint = max(out.chunks_on_old_fingerprint, p.chunks_on_old_fingerprint)
         out.qa_generated += p.qa_generated
         out.qa_rejected += p.qa_rejected
         out.qa_failed += p.qa_failed
@@ -139,4 +176,83 @@ def merge_qa(parts: Sequence[QASummary]) -> QASummary:
         out.llm_calls += p.llm_calls
         out.llm_tokens += p.llm_tokens
         out.cache_hits += p.cache_hits
+    return out
+
+
+@dataclass
+class RegenerateSummary:
+    fingerprint: str
+    dry_run: bool = False
+    chunks_on_old_fingerprint: int = 0
+    chunks_regenerated: int = 0
+    pairs_new: int = 0
+    pairs_superseded: int = 0
+    pairs_back: int = 0  # pairs an earlier regeneration superseded, made again by this one
+    vectors_flagged: int = 0
+    qa_rejected: int = 0
+    qa_failed: list[dict] = field(default_factory=list)
+    skipped_by_cap: int = 0
+    llm_calls: int = 0
+    llm_tokens: int = 0
+    cache_hits: int = 0
+
+
+def regenerate_stage(
+    settings: Settings,
+    progress: Progress | None = None,
+    generator=None,
+    doc_id: str | None = None,
+    dry_run: bool = False,
+    actor: str | None = "cli",
+) -> RegenerateSummary:
+    """``moral qa regenerate``: the chunks whose pairs came from another generation than the
+    configured one (model, prompt, facts per chunk, wordings per fact, checks) get the pairs the
+    configured one makes.  Cached replies are reused where the prompt and model are unchanged
+    (no call); the spend caps hold. Per chunk generated anew, in one registry transaction: the new
+    pairs added, the chunk's other live pairs ``superseded`` (never trained, replayed or evaluated
+    again; excluded pairs stay excluded), the fingerprint recorded; then the index's flags are
+    synced. A chunk that fails or is left by a cap keeps its old pairs and fingerprint. The next
+    refresh indexes, deduplicates and trains the new pairs. The caller holds the refresh lock."""
+    from tasks.qa import RegistryCache, generate_for_chunks, generator_fingerprint
+
+    reg = Registry.from_settings(settings)
+    fp = generator_fingerprint(generator) if generator is not None else settings_fingerprint(settings)
+    chunks = reg.chunks_on_old_fingerprint(fp, doc_id=doc_id)
+    out = RegenerateSummary(fingerprint=fp, dry_run=dry_run, chunks_on_old_fingerprint=len(chunks))
+    if dry_run or not chunks:
+        say(progress, f"qa regenerate: {len(chunks)} chunks on another generation than {fp}")
+        return out
+    gen = generator or make_generator(settings)
+    out.fingerprint = generator_fingerprint(gen)
+    say(progress, f"qa regenerate: {len(chunks)} chunks with {out.fingerprint}")
+    result = generate_for_chunks(
+        chunks,
+        gen,
+        RegistryCache(reg),
+        settings.qa_concurrency,
+        max_calls=settings.max_llm_calls,
+        max_tokens=settings.max_llm_tokens,
+    )
+    failed = {cid for cid, _ in result.failed}
+    skipped = set(result.skipped_by_cap)
+    done = [c.chunk_id for c in chunks if c.chunk_id not in failed and c.chunk_id not in skipped]
+    pairs = [p for p in result.pairs if p.chunk_id in set(done)]
+    out.pairs_new, gone, out.pairs_back = reg.record_regeneration(pairs, done, out.fingerprint, actor=actor)
+    out.pairs_superseded = len(gone)
+    out.chunks_regenerated = len(done)
+    out.qa_failed = [{"chunk_id": cid, "error": err} for cid, err in result.failed]
+    out.qa_rejected = len(result.rejected)
+    out.skipped_by_cap = len(skipped)
+    out.llm_calls, out.llm_tokens, out.cache_hits = result.llm_calls, result.tokens, result.cache_hits
+    if gone or out.pairs_back:
+        from storage.vectors import VectorStore
+        from tasks.stages.index import sync_pair_flags
+
+        out.vectors_flagged = sync_pair_flags(reg, VectorStore(settings))
+    say(
+        progress,
+        f"qa regenerate: {out.chunks_regenerated} chunks renewed, {out.pairs_new} new pairs, "
+        f"{out.pairs_superseded} superseded, {len(failed)} chunks failed, {out.skipped_by_cap} left by a "
+        f"spend cap; {out.llm_calls} LLM calls, {out.cache_hits} cache hits",
+    )
     return out

@@ -139,6 +139,62 @@ def test_qa_exclude_by_prefix_keeps_the_pair_out_of_training(home, capsys, tiny_
     assert {p.qa_id for p in train[1:]} <= set(trained)
 
 
+def test_qa_regenerate_renews_old_chunks_and_the_index_agrees(home, capsys, llm_endpoint, monkeypatch):
+    """After the generation settings change, the refresh's QA stage counts the chunks on the old
+    fingerprint; `moral qa regenerate` renews them (under the refresh lock), supersedes the pairs
+    the new settings no longer make in the registry and in the index, and the next index stage
+    indexes the new ones and leaves the superseded ones out of dedup."""
+    from storage.lock import refresh_lock
+
+    settings, _ = home
+    reg = Registry(settings.registry_path)
+    before = {p.qa_id for p in reg.qa_pairs()}
+    for key, value in {
+        "MORAL_QA_BACKEND": "openai",
+        "MORAL_QA_BASE_URL": llm_endpoint.base_url,
+        "MORAL_QA_MODEL": "loopback",
+        "MORAL_QA_PAIRS_PER_CHUNK": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    from storage.settings import get_settings
+
+    get_settings.cache_clear()
+    changed = get_settings()
+    chunks = len(reg.chunks())
+    assert qa_stage(changed, "run-2").chunks_on_old_fingerprint == chunks
+
+    out = json_out(capsys, ["qa", "regenerate", "--dry-run", "--json"])
+    assert out["chunks_on_old_fingerprint"] == chunks and out["chunks_regenerated"] == 0
+    with refresh_lock(settings.home, purpose="test"):
+        assert main(["qa", "regenerate"]) == 1  # never beside a refresh
+    llm_endpoint.state.pairs_per_call = 1
+    try:
+        out = json_out(capsys, ["qa", "regenerate", "--json"])
+    finally:
+        llm_endpoint.state.pairs_per_call = 3
+    assert out["chunks_regenerated"] == chunks and out["pairs_superseded"] > 0
+    superseded = {p.qa_id for p in reg.qa_pairs(status="superseded")}
+    assert superseded and superseded <= before
+    store = VectorStore(settings)
+    flagged = {r.id for r in store.get(QA_PAIRS, ids=sorted(superseded))}
+    assert flagged and all(
+        r.metadata["status"] == "superseded" for r in store.get(QA_PAIRS, ids=sorted(flagged))
+    )
+    assert qa_stage(changed, "run-3").chunks_on_old_fingerprint == 0
+    rows = json_out(capsys, ["qa", "list", "--json"])
+    assert not superseded & {r["qa_id"] for r in rows}  # the default list leaves them out
+    assert {
+        r["qa_id"] for r in json_out(capsys, ["qa", "list", "--status", "superseded", "--json"])
+    } == superseded
+    # A crash after the registry commit: the index still has them active; the index stage mends it.
+    store.set_metadata(QA_PAIRS, sorted(flagged), {"status": "active"})
+    assert index_stage(changed, "run-4").superseded_vectors == len(flagged)
+    assert all(r.metadata["status"] == "superseded" for r in store.get(QA_PAIRS, ids=sorted(flagged)))
+    assert main(["qa", "regenerate"]) == 0
+    assert "nothing to regenerate" in capsys.readouterr().out
+    get_settings.cache_clear()
+
+
 def test_quarantine_list_and_retry_on_the_next_run(home, capsys):
     settings, src = home
     rows = json_out(capsys, ["quarantine", "list", "--json"])

@@ -428,6 +428,46 @@ def test_migration_7_gives_every_pair_a_fact_id_and_rederives_question_keys(tmp_
     assert reg.existing_question_norms() == {"what is the price 1150 euros": "q1"}
 
 
+def test_migration_8_keeps_every_pair_and_allows_superseded(tmp_path):
+    """A registry written before fingerprints (schema 7): ``qa_pairs`` is rebuilt for the wider
+    status list with every row, column and index kept; chunks get an empty fingerprint (counted as
+    on an old generation)."""
+    import duckdb
+
+    from storage import migrations
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    migrations.migrate(con, [m for m in migrations.MIGRATIONS if m.version < 8])
+    con.execute(
+        "INSERT INTO chunks (chunk_id, doc_id, idx, text, qa_done, created_at) VALUES ('c1', 'd1', 0, 't', true, now())"
+    )
+    for qa_id, status in (("q1", "active"), ("q2", "excluded"), ("q3", "duplicate")):
+        con.execute(
+            "INSERT INTO qa_pairs (qa_id, chunk_id, doc_id, question, answer, question_norm, split, status, "
+            "fact_id, created_at) VALUES (?, 'c1', 'd1', 'What is it?', '2.4 kg', 'what is it', 'train', ?, 'f', now())",
+            [qa_id, status],
+        )
+    before = con.execute("SELECT * FROM qa_pairs ORDER BY qa_id").fetchall()
+    con.close()
+    reg = Registry(path)
+    assert reg.migrated == [8]
+    with reg.transaction() as con:
+        assert con.execute("SELECT * FROM qa_pairs ORDER BY qa_id").fetchall() == before
+        indexes = {
+            r[0]
+            for r in con.execute(
+                "SELECT index_name FROM duckdb_indexes() WHERE table_name = 'qa_pairs'"
+            ).fetchall()
+        }
+        assert indexes == {"qa_pairs_chunk", "qa_pairs_doc", "qa_pairs_fact"}
+        con.execute("UPDATE qa_pairs SET status = 'superseded' WHERE qa_id = 'q1'")
+        with pytest.raises(duckdb.ConstraintException):
+            con.execute("UPDATE qa_pairs SET status = 'gone' WHERE qa_id = 'q1'")
+    assert [c.qa_fingerprint for c in reg.chunks()] == [None]
+    assert [c.chunk_id for c in reg.chunks_on_old_fingerprint("any")] == ["c1"]
+
+
 def test_every_way_to_the_champion_verifies_the_files(reg: Registry) -> None:
     """The gate's decision, a manual promotion, pointing the alias and a rollback all refuse a version
     whose files no longer match the recorded checksum, and change nothing."""

@@ -503,3 +503,91 @@ def test_qa_stage_caches_replies_in_the_registry_and_stores_no_key(settings, llm
             assert hits.fetchone()[0] == 0, table
     finally:
         con.close()
+
+
+# --- generation fingerprints: changed settings are counted and regenerated ------------------------
+def test_chunks_on_another_generation_are_counted_and_regenerated_from_the_cache(settings, llm_server):
+    """Item: changing how pairs are generated reaches chunks already done. Each chunk records its
+    generation's fingerprint; a QA stage under other settings counts the chunks on the old one (and
+    asks nothing); `regenerate_stage` renews exactly those chunks, supersedes the pairs the new
+    generation does not make, leaves an excluded pair excluded, and switching back is served from
+    the cache with the old pairs brought back."""
+    from tasks.qa import generator_fingerprint
+    from tasks.stages.qa import qa_stage, regenerate_stage
+
+    reg = registry_with_chunks(settings, 3)
+    three = gen(llm_server, pairs_per_chunk=3, wordings_per_fact=1)
+    first = qa_stage(settings, "run-1", generator=three)
+    assert first.llm_calls == 3 and first.fingerprint == generator_fingerprint(three)
+    assert {c.qa_fingerprint for c in reg.chunks()} == {first.fingerprint}
+    old = {p.qa_id for p in reg.qa_pairs()}
+    assert len(old) == 9
+    excluded = reg.qa_pairs()[-1].qa_id  # the last chunk's third fact (pairs are kept in reply order)
+    reg.exclude_pairs([excluded], "bad", actor="test")
+
+    assert qa_stage(settings, "run-2", generator=three).chunks_on_old_fingerprint == 0
+    one = gen(llm_server, pairs_per_chunk=1, wordings_per_fact=1)
+    assert one.prompt_version != three.prompt_version
+    counted = qa_stage(settings, "run-3", generator=one)
+    assert counted.chunks_pending == 0 and counted.chunks_on_old_fingerprint == 3 and llm_server.calls == 3
+
+    assert regenerate_stage(settings, generator=one, dry_run=True).chunks_on_old_fingerprint == 3
+    assert llm_server.calls == 3  # a dry run asks nothing
+    llm_server.state.pairs_per_call = 1  # the endpoint now answers as asked: one fact per chunk
+    renewed = regenerate_stage(settings, generator=one)
+    assert renewed.chunks_regenerated == 3 and renewed.llm_calls == 3 and renewed.cache_hits == 0
+    kept = {p.qa_id for p in reg.qa_pairs()}
+    assert len(kept) == 3 and kept <= old and excluded not in kept  # the first fact of each chunk
+    superseded = {p.qa_id for p in reg.qa_pairs(status="superseded")}
+    assert superseded == old - kept - {excluded} and renewed.pairs_superseded == len(superseded)
+    assert reg.qa_pairs(ids=[excluded], status=None)[0].status == "excluded"
+    assert {c.qa_fingerprint for c in reg.chunks()} == {generator_fingerprint(one)}
+    [ev] = reg.events(kind="qa.regenerated")
+    assert ev.detail["chunks"] == 3 and ev.detail["pairs_superseded"] == len(superseded)
+    assert regenerate_stage(settings, generator=one).chunks_on_old_fingerprint == 0
+
+    # Back to three facts per chunk: the replies are in the cache, the old pairs come back.
+    back = regenerate_stage(settings, generator=three)
+    assert back.llm_calls == 0 and back.cache_hits == 3 and llm_server.calls == 6
+    assert back.pairs_back == len(superseded) and back.pairs_new == 0
+    assert {p.qa_id for p in reg.qa_pairs()} == old - {excluded}
+    assert reg.qa_pairs(status="superseded") == []
+
+
+def test_a_failed_regeneration_keeps_the_chunks_old_pairs(settings, llm_server):
+    from tasks.stages.qa import qa_stage, regenerate_stage
+
+    reg = registry_with_chunks(settings, 2)
+    qa_stage(settings, "run-1", generator=gen(llm_server, pairs_per_chunk=3, wordings_per_fact=1))
+    before = {p.qa_id: p.status for p in reg.qa_pairs(status=None)}
+    fps = {c.chunk_id: c.qa_fingerprint for c in reg.chunks()}
+    llm_server.script("401", "401")
+    out = regenerate_stage(settings, generator=gen(llm_server, pairs_per_chunk=2, wordings_per_fact=1))
+    assert out.chunks_regenerated == 0 and len(out.qa_failed) == 2 and out.pairs_superseded == 0
+    assert {p.qa_id: p.status for p in reg.qa_pairs(status=None)} == before
+    assert {c.chunk_id: c.qa_fingerprint for c in reg.chunks()} == fps
+
+
+def test_the_fingerprint_from_settings_matches_the_generator_built_from_them(
+    settings, llm_server, tiny_model_dir
+):
+    """The refresh counts old chunks without loading a model: the fingerprint it derives from the
+    settings must be the one the generator built from the same settings records."""
+    from tasks.qa import generator_fingerprint
+    from tasks.stages.qa import make_generator, settings_fingerprint
+
+    s = settings.model_copy(
+        update={
+            "qa_backend": "openai",
+            "qa_base_url": llm_server.base_url,
+            "qa_model": "m",
+            "qa_wordings_per_fact": 4,
+        }
+    )
+    assert settings_fingerprint(s) == generator_fingerprint(make_generator(s))
+    assert settings_fingerprint(s) != settings_fingerprint(s.model_copy(update={"qa_pairs_per_chunk": 9}))
+    assert settings_fingerprint(settings.model_copy(update={"qa_backend": "local"})).startswith(
+        "local:smollm2-135m-instruct|local-qg-"
+    )
+    local = settings.model_copy(update={"qa_backend": "local", "base_model": str(tiny_model_dir)})
+    assert settings_fingerprint(local) == generator_fingerprint(make_generator(local))
