@@ -17,16 +17,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 from pydantic import SecretStr
 
-from moe.base_model import load_base_model, model_identity
-from moe.config import MoRALConfig
+from bench.serve_load import save_random_version
+from moe.base_model import load_base_model
 from moe.infer import generate_answers
 from moe.model import MoRALModel
 from server.app import MODEL_ID, VERSION_HEADER, Detokenizer, create_app
 from server.model import Engine, ModelPool
-from storage.artifacts import AdapterStore
 from storage.registry import Registry
 from storage.settings import Settings
 
@@ -49,26 +47,10 @@ def registry(tiny_settings: Settings) -> Registry:
 def save_version(
     settings: Settings, registry: Registry, seed: int, base_sha256: str | None = None, promote: bool = True
 ) -> int:
-    """Write a MoRAL adapter with random (seeded, non-zero) experts and register it; promoted by the gate."""
-    base, _ = load_base_model(settings.base_model)
-    sha = model_identity(settings.base_model)["sha256"]
-    config = MoRALConfig(num_experts=2, top_k=1, rank=2, base_model_sha256=base_sha256 or sha)
-    model = MoRALModel(base, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # fresh LoRA B is zero (= the base model); random experts make versions differ
-        for p in model.adapter_state_dict().values():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    info = AdapterStore(settings.adapters_dir).write(f"test-{seed}", model.save_pretrained)
-    version = registry.create_version(
-        base_model=str(settings.base_model),
-        base_model_sha256=base_sha256 or sha,
-        artifact_uri=info.uri,
-        artifact_sha256=info.sha256,
-        kind="moral",
+    """A MoRAL adapter with random (seeded, non-zero) experts, registered; promoted by the gate."""
+    return save_random_version(
+        settings, registry, seed, promote=promote, base_sha256=base_sha256, name="test"
     )
-    if promote:
-        registry.decide_version(version, "promoted", ["test: promoted"], actor="test")
-    return version
 
 
 def local_answer(settings: Settings, registry: Registry, version: int | None, max_new_tokens: int) -> str:
