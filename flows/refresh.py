@@ -85,6 +85,9 @@ def knowledge_refresh(params: RefreshParams = RefreshParams()) -> dict:  # noqa:
 
 
 def _refresh_locked(params: RefreshParams, settings: Settings, started: float) -> dict:
+    from flows.local_server import record_local_server
+
+    record_local_server(settings.home)  # a later refresh stops it if this one is killed
     reg = Registry.from_settings(settings)
     run_id = reg.start_run(params.model_dump(), flow_run_id=current_flow_run_id())
     summary: dict = {
@@ -302,9 +305,16 @@ def run_refresh(params: RefreshParams, quiet: bool = False) -> dict:
     started then, so the start is tried once more before the run fails with what to do about it."""
     import sys
 
+    from flows.local_server import reap_orphaned_local_server
+
     if quiet:
         quiet_console()
     settings = settings_for(params)
+    if (orphan := reap_orphaned_local_server(settings.home)) is not None:
+        print(
+            f"stopped the temporary Prefect server (pid {orphan}) a killed refresh had left running",
+            file=sys.stderr,
+        )
     token = _RESOLVED.set((params.model_dump_json(), settings))
     try:
         for attempt in (1, 2):

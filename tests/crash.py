@@ -45,10 +45,13 @@ def refresh_env(home: Path, base_model: Path, llm_url: str, crash_at: str | None
     return env
 
 
-def run_refresh(source: Path, env: dict[str, str], timeout_s: float = 600) -> subprocess.CompletedProcess:
+def run_refresh(
+    source: Path, env: dict[str, str], timeout_s: float = 600, leave_orphans: bool = False
+) -> subprocess.CompletedProcess:
     """``moral refresh --json`` in its own process group. Output goes to files, not pipes: a killed
     refresh leaves its Prefect server child orphaned with the pipes open. The group is killed
-    afterwards, so nothing of the run outlives it (as after a reboot)."""
+    afterwards, so nothing of the run outlives it (as after a reboot), unless ``leave_orphans``
+    (then the caller kills the group ``proc.pid`` when done)."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -59,14 +62,39 @@ def run_refresh(source: Path, env: dict[str, str], timeout_s: float = 600) -> su
         try:
             rc = proc.wait(timeout=timeout_s)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the orphans: Prefect's temporary server
-            except ProcessLookupError:
-                pass
+            if not leave_orphans or proc.poll() is None:
+                kill_group(proc.pid)
             proc.wait()
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(proc.args, rc, out.read(), err.read())
+        done = subprocess.CompletedProcess(proc.args, rc, out.read(), err.read())
+        done.pid = proc.pid  # type: ignore[attr-defined]
+        return done
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # the orphans: Prefect's temporary server
+    except ProcessLookupError:
+        pass
+
+
+def recorded_prefect_server(home: Path) -> int | None:
+    """The pid of the temporary Prefect server a refresh in ``home`` recorded, if still running."""
+    from flows.local_server import STATE_FILE
+
+    try:
+        pid = int(json.loads((home / STATE_FILE).read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid if prefect_server_alive(pid) else None
+
+
+def prefect_server_alive(pid: int) -> bool:
+    from flows.local_server import command_line
+    from storage.lock import pid_alive
+
+    return pid_alive(pid) and "prefect.server" in command_line(pid)
 
 
 @dataclass
@@ -155,12 +183,22 @@ def kill_and_rerun(
     start = time.perf_counter()
     home = work / point.replace(":", "-")
     calls0 = llm.calls
-    first = run_refresh(source, refresh_env(home, base_model, llm.base_url, crash_at=point))
+    first = run_refresh(
+        source, refresh_env(home, base_model, llm.base_url, crash_at=point), leave_orphans=True
+    )
     killed = first.returncode == -signal.SIGKILL
-    second = run_refresh(source, refresh_env(home, base_model, llm.base_url))
     problems = (
         [] if killed else [f"the first run was not killed (rc {first.returncode}): {first.stderr[-400:]}"]
     )
+    orphan = recorded_prefect_server(home)  # the killed run's temporary Prefect server, still up
+    try:
+        second = run_refresh(source, refresh_env(home, base_model, llm.base_url))
+        if killed and orphan is None:
+            problems.append("the killed run left no running temporary Prefect server on record")
+        elif orphan is not None and prefect_server_alive(orphan):
+            problems.append(f"the killed run's temporary Prefect server (pid {orphan}) outlived the rerun")
+    finally:
+        kill_group(first.pid)  # type: ignore[attr-defined]
     rerun_ok = second.returncode == 0
     if rerun_ok:
         summary = json.loads(second.stdout)
