@@ -17,7 +17,8 @@ metric (``tasks.metrics.strict_recall``).  One JSON object is printed on stdout:
   interval; the same for ``tune`` under ``tune``;
 * ``confabulation`` — share of unanswerable questions (entities in no document) answered with
   anything but a refusal;
-* ``lifelong`` — part 1's recall after the three refreshes relative to its value at promotion;
+* ``lifelong`` — part 1's recall after the refreshes (three, or ``--parts``) relative to its value
+  at promotion;
 * ``edit`` — after the edited documents are refreshed: recall of the new values and the rate of
   answers still giving the old ones;
 * ``pipeline`` — per version, the pipeline's own ``paraphrase`` / ``unseen`` suites (closed, open),
@@ -30,6 +31,7 @@ metric (``tasks.metrics.strict_recall``).  One JSON object is printed on stdout:
     .venv/bin/python bench/knowledge.py --arms moral            # one arm (base is always asked)
     .venv/bin/python bench/knowledge.py --quick                 # smoke run (tests): part 1 only, tiny sizes
     .venv/bin/python bench/knowledge.py --seeds 3               # repeat training with seeds 0, 1, 2
+    .venv/bin/python bench/knowledge.py --arms moral --parts 1  # part 1 only: a fast loop, read on tune
 
 One file (~550 lines) because it is one script read top to bottom: the pipeline arms, the asking
 through `moral serve`, the scoring and the JSON report share its constants and helpers.
@@ -422,8 +424,23 @@ def similarity(settings: Settings, questions: Sequence[dict]) -> dict:
     }
 
 
+def selected(questions: Sequence[dict], parts: int, quick: bool) -> list[dict]:
+    """The hand-written questions a run asks: those of the first ``parts`` parts (what has been
+    refreshed); a quick run asks part 1's ``tune`` questions only."""
+    if quick:
+        return [q for q in questions if q["part"] == 1 and q["split"] == "tune"]
+    return [q for q in questions if q["part"] <= parts]
+
+
 def run_arm(
-    arm: str, work: Path, corpus: dict, seed: int, quick: bool, extra: dict[str, str], ask_base: bool
+    arm: str,
+    work: Path,
+    corpus: dict,
+    seed: int,
+    quick: bool,
+    extra: dict[str, str],
+    ask_base: bool,
+    n_parts: int = len(PARTS),
 ) -> dict:
     home = work / f"{arm}-seed{seed}"
     source = work / f"src-{arm}-seed{seed}"
@@ -434,11 +451,9 @@ def run_arm(
     settings = settings_from(env)
     settings.ensure_dirs()
     kind = "moral" if arm == "moral" else "lora"
-    questions = corpus["questions"]
-    if quick:  # a smoke run: part 1's tune questions only
-        questions = [q for q in questions if q["part"] == 1 and q["split"] == "tune"]
+    questions = selected(corpus["questions"], n_parts, quick)
     part1_qs = [q for q in questions if q["part"] == 1]
-    parts = PARTS[:1] if quick else PARTS
+    parts = PARTS[:1] if quick else PARTS[:n_parts]
     out: dict = {"arm": arm, "seed": seed, "refreshes": []}
     say = lambda m: print(f"[{arm} seed {seed}] {m}", file=sys.stderr, flush=True)  # noqa: E731
     for i, part in enumerate(parts, start=1):
@@ -476,7 +491,7 @@ def run_arm(
         }
         base = ask_suite(url, "moral-refresh@base", questions, seen) if ask_base else None
     out["similarity"] = similarity(settings, questions)
-    if not quick:
+    if not quick and n_parts == len(PARTS):
         for f in sorted((CORPUS / "docs" / "edited").iterdir()):
             if f.is_file():
                 shutil.copy2(f, source / f.name)  # the edited documents replace their originals
@@ -519,6 +534,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: part 1 only, tiny sizes")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     parser.add_argument(
+        "--parts",
+        type=int,
+        choices=range(1, len(PARTS) + 1),
+        default=len(PARTS),
+        help="refresh only the first N parts and ask their questions; the edit runs only with all "
+        "(--parts 1: a ~20-minute loop for choices read on the tune questions)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="MORAL_X=V", help="a setting for every arm (repeatable)"
     )
     args = parser.parse_args(argv)
@@ -535,7 +558,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for seed in range(args.seeds):
             for n, arm in enumerate(arms):
-                got = run_arm(arm, work, corpus, seed, args.quick, extra, ask_base=(seed == 0 and n == 0))
+                got = run_arm(
+                    arm,
+                    work,
+                    corpus,
+                    seed,
+                    args.quick,
+                    extra,
+                    ask_base=(seed == 0 and n == 0),
+                    n_parts=args.parts,
+                )
                 result["arms"].setdefault(arm, []).append(got["arm"])
                 if got["base"] is not None:
                     result["base"] = {m: v["scores"] for m, v in got["base"].items()}

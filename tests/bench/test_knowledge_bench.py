@@ -56,3 +56,15 @@ def test_quick_run_prints_one_json_object(tiny_model_dir, tmp_path):
     assert moral["similarity"]["n"] > 0 and "median" in moral["similarity"]["cosine"]
     assert set(moral["seconds"]) == {"qa_index", "train", "evaluate"}
     assert out["arms"]["lora"][0]["refreshes"][0]["version"] == 1
+
+
+def test_parts_select_the_questions_of_the_parts_refreshed():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench.knowledge import load_corpus, selected
+
+    questions = load_corpus()["questions"]
+    one, two, every = (selected(questions, n, quick=False) for n in (1, 2, 3))
+    assert one and {q["part"] for q in one} == {1} and {q["split"] for q in one} == {"tune", "report"}
+    assert {q["part"] for q in two} == {1, 2} and every == questions
+    quick = selected(questions, 3, quick=True)
+    assert quick and {(q["part"], q["split"]) for q in quick} == {(1, "tune")}
