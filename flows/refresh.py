@@ -305,7 +305,7 @@ def run_refresh(params: RefreshParams, quiet: bool = False) -> dict:
     started then, so the start is tried once more before the run fails with what to do about it."""
     import sys
 
-    from flows.local_server import reap_orphaned_local_server
+    from flows.local_server import forget_local_server, reap_orphaned_local_server
 
     if quiet:
         quiet_console()
@@ -336,4 +336,5 @@ def run_refresh(params: RefreshParams, quiet: bool = False) -> dict:
                 )
     finally:
         _RESOLVED.reset(token)
+    forget_local_server(settings.home)  # finished: Prefect stops its server at exit
     return {**EMPTY_FIELDS, **summary}

@@ -335,8 +335,9 @@ class CorpusMixin(Database):
         """The outcome of ``moral qa regenerate`` in ONE transaction, for the chunks in ``done``
         (generated anew): the new pairs inserted; the chunks' other live pairs (active or
         duplicate) ``superseded``; a pair this generation made again that an earlier regeneration
-        had superseded comes back as what it was; the chunks' fingerprint recorded.  Excluded pairs
-        stay excluded.  Returns (pairs new, ids superseded, pairs brought back)."""
+        had superseded comes back as what it was; a duplicate (of any chunk) whose original was
+        superseded active again, to be deduplicated anew; the chunks' fingerprint recorded.
+        Excluded pairs stay excluded.  Returns (pairs new, ids superseded, pairs brought back)."""
         ids = list(dict.fromkeys(done))
         pairs = list(pairs)
         if not ids:
@@ -361,6 +362,19 @@ class CorpusMixin(Database):
                     [ids, keep],
                 ).fetchall()
             ]
+            # A duplicate whose original is gone becomes a pair of its own again (deduplicated anew
+            # by the next index stage), or its fact could be left with nothing to train.
+            freed = (
+                len(
+                    con.execute(
+                        "UPDATE qa_pairs SET status = 'active', duplicate_of = NULL WHERE status = 'duplicate' "
+                        "AND list_contains(?::VARCHAR[], duplicate_of) RETURNING qa_id",
+                        [gone],
+                    ).fetchall()
+                )
+                if gone
+                else 0
+            )
             con.execute(
                 "UPDATE chunks SET qa_fingerprint = ?, qa_done = true WHERE list_contains(?::VARCHAR[], chunk_id)",
                 [fingerprint, ids],
@@ -372,6 +386,7 @@ class CorpusMixin(Database):
                 "pairs_new": added,
                 "pairs_superseded": len(gone),
                 "pairs_back": back,
+                "duplicates_freed": freed,
             }
             event(con, "qa.regenerated", run_id=run_id, actor=actor, detail=detail)
             return added, sorted(gone), back

@@ -198,7 +198,8 @@ def kill_and_rerun(
         elif orphan is not None and prefect_server_alive(orphan):
             problems.append(f"the killed run's temporary Prefect server (pid {orphan}) outlived the rerun")
     finally:
-        kill_group(first.pid)  # type: ignore[attr-defined]
+        if orphan is not None and prefect_server_alive(orphan):
+            kill_group(first.pid)  # type: ignore[attr-defined]
     rerun_ok = second.returncode == 0
     if rerun_ok:
         summary = json.loads(second.stdout)

@@ -108,6 +108,12 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
     new_pairs = [p for p in pairs if p.qa_id not in present_pairs]
     # Pairs indexed under an older normalisation are re-keyed first, so dedup compares like with like.
     out.qa_rekeyed = migrate_qa_keys(store, pairs, present_pairs)
+    # Before dedup (which matches active records only): pairs an operator excluded are excluded in
+    # the index too (homes from before that was done), and pairs a regeneration replaced (or brought
+    # back) flagged as the registry has them (mending a `moral qa regenerate` killed between the two
+    # stores), so no new pair is dropped as the duplicate of one that is no longer trained.
+    out.excluded_vectors = exclude(store, [p.qa_id for p in reg.qa_pairs(status="excluded")])
+    out.superseded_vectors = sync_pair_flags(reg, store)
 
     if new_pairs:
         say(progress, f"index: embedding and deduplicating {len(new_pairs)} new pairs")
@@ -135,11 +141,6 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         docs = {d.doc_id: d for d in reg.documents()}
         meta = {doc_id: {"path": d.path} for doc_id, d in docs.items()}
         out.chunks_indexed = index_chunks(store, new_chunks, meta, run_id)
-    # Pairs an operator excluded are excluded in the index too (homes from before that was done).
-    out.excluded_vectors = exclude(store, [p.qa_id for p in reg.qa_pairs(status="excluded")])
-    # Pairs a regeneration replaced (or brought back), as the registry has them (a crash of
-    # `moral qa regenerate` after its registry commit is mended here).
-    out.superseded_vectors = sync_pair_flags(reg, store)
     all_docs = reg.documents()
     retired = [d.doc_id for d in all_docs if d.status == "retired"]
     if retired:

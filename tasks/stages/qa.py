@@ -54,12 +54,15 @@ def make_generator(settings: Settings):
     )
 
 
-def settings_fingerprint(settings: Settings) -> str:
+def settings_fingerprint(settings: Settings) -> str | None:
     """The fingerprint (``tasks.qa.fingerprint``) of the generator ``make_generator`` builds from
-    these settings, known without loading a model or opening a client."""
+    these settings, known without loading a model or opening a client (None: the settings name no
+    generator, i.e. the openai backend without ``MORAL_QA_MODEL``)."""
     from tasks.qa import fingerprint
 
     if settings.qa_backend == "openai":
+        if not settings.qa_model:
+            return None
         from tasks.qa_openai import openai_prompt_version
 
         version = openai_prompt_version(settings.qa_pairs_per_chunk, settings.qa_wordings_per_fact)
@@ -217,6 +220,8 @@ def regenerate_stage(
 
     reg = Registry.from_settings(settings)
     fp = generator_fingerprint(generator) if generator is not None else settings_fingerprint(settings)
+    if fp is None:
+        raise ValueError("MORAL_QA_BACKEND=openai needs MORAL_QA_MODEL (the model name at the endpoint)")
     chunks = reg.chunks_on_old_fingerprint(fp, doc_id=doc_id)
     out = RegenerateSummary(fingerprint=fp, dry_run=dry_run, chunks_on_old_fingerprint=len(chunks))
     if dry_run or not chunks:
@@ -236,7 +241,8 @@ def regenerate_stage(
     failed = {cid for cid, _ in result.failed}
     skipped = set(result.skipped_by_cap)
     done = [c.chunk_id for c in chunks if c.chunk_id not in failed and c.chunk_id not in skipped]
-    pairs = [p for p in result.pairs if p.chunk_id in set(done)]
+    renewed = set(done)
+    pairs = [p for p in result.pairs if p.chunk_id in renewed]
     out.pairs_new, gone, out.pairs_back = reg.record_regeneration(pairs, done, out.fingerprint, actor=actor)
     out.pairs_superseded = len(gone)
     out.chunks_regenerated = len(done)

@@ -186,10 +186,17 @@ def test_qa_regenerate_renews_old_chunks_and_the_index_agrees(home, capsys, llm_
     assert {
         r["qa_id"] for r in json_out(capsys, ["qa", "list", "--status", "superseded", "--json"])
     } == superseded
-    # A crash after the registry commit: the index still has them active; the index stage mends it.
+    # A crash after the registry commit: the index still has them active; the index stage mends it
+    # before it deduplicates, so a new wording of a superseded pair is not dropped as its duplicate.
+    from storage.records import QAPair
+
     store.set_metadata(QA_PAIRS, sorted(flagged), {"status": "active"})
+    gone = reg.qa_pairs(ids=[sorted(flagged)[0]], status=None)[0]
+    again = QAPair.new(gone.chunk_id, gone.doc_id, "Tell me: " + gone.question, gone.answer, "train")
+    reg.add_qa_pairs([again], run_id="run-4")
     assert index_stage(changed, "run-4").superseded_vectors == len(flagged)
     assert all(r.metadata["status"] == "superseded" for r in store.get(QA_PAIRS, ids=sorted(flagged)))
+    assert reg.qa_pairs(ids=[again.qa_id], status=None)[0].status == "active"
     assert main(["qa", "regenerate"]) == 0
     assert "nothing to regenerate" in capsys.readouterr().out
     get_settings.cache_clear()

@@ -522,8 +522,17 @@ def test_chunks_on_another_generation_are_counted_and_regenerated_from_the_cache
     assert {c.qa_fingerprint for c in reg.chunks()} == {first.fingerprint}
     old = {p.qa_id for p in reg.qa_pairs()}
     assert len(old) == 9
-    excluded = reg.qa_pairs()[-1].qa_id  # the last chunk's third fact (pairs are kept in reply order)
+    # Each chunk's facts, in the endpoint's order: the payload (chunk 0: "2 kg"), the weather, the factory.
+    by_chunk = {
+        c.chunk_id: {p.answer: p for p in reg.qa_pairs() if p.chunk_id == c.chunk_id} for c in reg.chunks()
+    }
+    last, head = (by_chunk[c.chunk_id] for c in (reg.chunks()[-1], reg.chunks()[0]))
+    excluded = last["Oslo factory"].qa_id  # a fact the new settings no longer ask about
     reg.exclude_pairs([excluded], "bad", actor="test")
+    # A chunk's first fact marked a duplicate of its second, which the new settings no longer make:
+    # when that one is superseded, the duplicate becomes a pair of its own again.
+    first, second = head["2 kg"], head["weather conditions"]
+    reg.mark_duplicates([(first.qa_id, second.qa_id)], run_id="run-1")
 
     assert qa_stage(settings, "run-2", generator=three).chunks_on_old_fingerprint == 0
     one = gen(llm_server, pairs_per_chunk=1, wordings_per_fact=1)
@@ -544,6 +553,8 @@ def test_chunks_on_another_generation_are_counted_and_regenerated_from_the_cache
     assert {c.qa_fingerprint for c in reg.chunks()} == {generator_fingerprint(one)}
     [ev] = reg.events(kind="qa.regenerated")
     assert ev.detail["chunks"] == 3 and ev.detail["pairs_superseded"] == len(superseded)
+    assert ev.detail["duplicates_freed"] == 1 and first.qa_id in kept and second.qa_id in superseded
+    assert reg.qa_pairs(ids=[first.qa_id])[0].duplicate_of is None
     assert regenerate_stage(settings, generator=one).chunks_on_old_fingerprint == 0
 
     # Back to three facts per chunk: the replies are in the cache, the old pairs come back.
