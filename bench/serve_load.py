@@ -144,7 +144,22 @@ def start_server(env: dict[str, str], port: int, log: Path, timeout_s: float = 3
     raise RuntimeError(f"moral serve did not answer /health within {timeout_s:.0f} s")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen, home: Path | None = None) -> None:
+    """Stop ``moral serve``, and with ``home`` the data home's Chroma server it started (a per-home
+    daemon that outlives it by design: ``moral chroma stop``)."""
+    if home is not None:
+        try:
+            _stop(proc)
+        finally:
+            from storage.chroma_server import stop_chroma_server
+            from storage.settings import Settings
+
+            stop_chroma_server(Settings(home=home))
+        return
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -374,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             f"http://127.0.0.1:{port}", registry_path, 2, args.clients, args.seconds, args.max_tokens
         )
     finally:
-        stop_server(proc)
+        stop_server(proc, work / "home")
     out = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "model": "tiny" if args.tiny else "SmolLM2-135M-Instruct",

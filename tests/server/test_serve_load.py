@@ -33,7 +33,7 @@ def test_eight_clients_through_a_promotion_and_a_rollback(tmp_path, tiny_model_d
     try:
         report = run_load(f"http://127.0.0.1:{port}", registry_path, 2, clients=8, seconds=9.0, max_tokens=12)
     finally:
-        stop_server(proc)
+        stop_server(proc, tmp_path / "home")
     out = summary(report)
     assert report.problems == [], report.problems[:10]
     assert out["dropped_streams"] > 0 and out["statuses"].get("400", 0) > 0  # v3 was asked for, refused
