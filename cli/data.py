@@ -113,7 +113,7 @@ def cmd_qa_regenerate(args: argparse.Namespace) -> int:
     settings = get_settings()
     reg = _registry(settings, must_exist=True)
     assert reg is not None
-    doc_ids: list[str | None] = [None]
+    doc_ids = None
     if args.doc:
         matched = match_documents(reg, args.doc)
         if not matched:
@@ -121,16 +121,7 @@ def cmd_qa_regenerate(args: argparse.Namespace) -> int:
         doc_ids = sorted({d.doc_id for d in matched})
     progress = None if args.json else (lambda line: print(line, file=sys.stderr))
     with refresh_lock(settings.home, purpose="qa regenerate"):
-        parts = [
-            regenerate_stage(settings, progress=progress, doc_id=d, dry_run=args.dry_run) for d in doc_ids
-        ]
-    total = asdict(parts[0])
-    for part in parts[1:]:
-        for k, v in asdict(part).items():
-            if isinstance(v, int) and not isinstance(v, bool):
-                total[k] += v
-            elif isinstance(v, list):
-                total[k] += v
+        total = asdict(regenerate_stage(settings, progress=progress, doc_ids=doc_ids, dry_run=args.dry_run))
     if args.json:
         print_json(total)
         return 0

@@ -306,14 +306,18 @@ class CorpusMixin(Database):
             params.append(limit)
         return self.read(Chunk, sql, params)
 
-    def chunks_on_old_fingerprint(self, fingerprint: str, doc_id: str | None = None) -> list[Chunk]:
+    def chunks_on_old_fingerprint(
+        self, fingerprint: str, doc_ids: Sequence[str] | None = None
+    ) -> list[Chunk]:
         """Active chunks finished with QA under another generation than ``fingerprint`` (or before
-        fingerprints were recorded): ``moral qa regenerate`` renews their pairs."""
+        fingerprints were recorded), of these documents (``None``: all): ``moral qa regenerate``
+        renews their pairs."""
         sql = (
-            "SELECT * FROM chunks WHERE status = 'active' AND qa_done "
-            "AND qa_fingerprint IS DISTINCT FROM ? AND (? IS NULL OR doc_id = ?) ORDER BY doc_id, idx"
+            "SELECT * FROM chunks WHERE status = 'active' AND qa_done AND qa_fingerprint IS DISTINCT FROM ? "
+            "AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], doc_id)) ORDER BY doc_id, idx"
         )
-        return self.read(Chunk, sql, [fingerprint, doc_id, doc_id])
+        ids = None if doc_ids is None else list(doc_ids)
+        return self.read(Chunk, sql, [fingerprint, ids, ids])
 
     def count_chunks_on_old_fingerprint(self, fingerprint: str) -> int:
         with self.transaction() as con:

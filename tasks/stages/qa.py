@@ -14,15 +14,21 @@ from tasks.stages.progress import Progress, say
 
 
 @dataclass
-class QASummary:
-    chunks_pending: int = 0
-    qa_generated: int = 0
+class GenerationCounts:
+    """What one generation over some chunks cost and left (QA stage and regenerate alike)."""
+
     qa_rejected: int = 0
     qa_failed: list[dict] = field(default_factory=list)
     skipped_by_cap: int = 0
     llm_calls: int = 0
     llm_tokens: int = 0
     cache_hits: int = 0
+
+
+@dataclass
+class QASummary(GenerationCounts):
+    chunks_pending: int = 0
+    qa_generated: int = 0
     generator: str | None = None
     fingerprint: str | None = None  # the generation recorded for the chunks done here
     chunks_on_old_fingerprint: int = 0  # done under another generation: `moral qa regenerate`
@@ -75,6 +81,28 @@ def settings_fingerprint(settings: Settings) -> str | None:
     return fingerprint(f"local:{name}", version)
 
 
+def _generate(settings: Settings, reg: Registry, chunks: Sequence, gen, out: GenerationCounts, report=None):
+    """Generate for ``chunks`` (the registry's cache first, the settings' spend caps), count it into
+    ``out``; returns the result and the ids of the chunks finished (neither failed nor capped)."""
+    from tasks.qa import RegistryCache, generate_for_chunks
+
+    result = generate_for_chunks(
+        chunks,
+        gen,
+        RegistryCache(reg),
+        settings.qa_concurrency,
+        max_calls=settings.max_llm_calls,
+        max_tokens=settings.max_llm_tokens,
+        progress=report,
+    )
+    left = {cid for cid, _ in result.failed} | set(result.skipped_by_cap)
+    out.qa_failed = [{"chunk_id": cid, "error": err} for cid, err in result.failed]
+    out.qa_rejected = len(result.rejected)
+    out.skipped_by_cap = len(result.skipped_by_cap)
+    out.llm_calls, out.llm_tokens, out.cache_hits = result.llm_calls, result.tokens, result.cache_hits
+    return result, [c.chunk_id for c in chunks if c.chunk_id not in left]
+
+
 def qa_stage(
     settings: Settings,
     run_id: str,
@@ -87,7 +115,7 @@ def qa_stage(
     ``chunk_ids`` restricts the stage to those chunks: one shard of a run fanned out over a task
     runner (see ``qa_shards``); the spend caps in ``settings`` then apply to the shard.
     """
-    from tasks.qa import RegistryCache, generate_for_chunks, generator_fingerprint
+    from tasks.qa import generator_fingerprint
 
     reg = Registry.from_settings(settings)
     chunks = reg.chunks_without_qa()
@@ -98,7 +126,8 @@ def qa_stage(
     out.fingerprint = (
         generator_fingerprint(generator) if generator is not None else settings_fingerprint(settings)
     )
-    out.chunks_on_old_fingerprint = reg.count_chunks_on_old_fingerprint(out.fingerprint)
+    if out.fingerprint is not None:  # None: the settings name no generator (openai without a model)
+        out.chunks_on_old_fingerprint = reg.count_chunks_on_old_fingerprint(out.fingerprint)
     if out.chunks_on_old_fingerprint:
         say(
             progress,
@@ -120,32 +149,15 @@ def qa_stage(
         if done == total or done % step == 0:
             say(progress, f"qa: {done}/{total} chunks")
 
-    result = generate_for_chunks(
-        chunks,
-        gen,
-        RegistryCache(reg),
-        settings.qa_concurrency,
-        max_calls=settings.max_llm_calls,
-        max_tokens=settings.max_llm_tokens,
-        progress=report,
-    )
+    result, done = _generate(settings, reg, chunks, gen, out, report)
     records = [replace(p, run_id=run_id) for p in result.pairs]
-    failed = {cid for cid, _ in result.failed}
-    skipped = set(result.skipped_by_cap)
-    done = [c.chunk_id for c in chunks if c.chunk_id not in failed and c.chunk_id not in skipped]
     # Pairs, done flags and failures in one transaction; a failed chunk is retried by the next run.
     out.qa_generated = reg.record_qa_results(
         records, done, result.failed, run_id=run_id, fingerprint=out.fingerprint
     )
-    out.qa_failed = [{"chunk_id": cid, "error": err} for cid, err in result.failed]
-    out.qa_rejected = len(result.rejected)
-    out.skipped_by_cap = len(skipped)
-    out.llm_calls = result.llm_calls
-    out.llm_tokens = result.tokens
-    out.cache_hits = result.cache_hits
     say(
         progress,
-        f"qa: {out.qa_generated} pairs kept, {out.qa_rejected} rejected by validation, {len(failed)} chunks "
+        f"qa: {out.qa_generated} pairs kept, {out.qa_rejected} rejected by validation, {len(out.qa_failed)} chunks "
         f"failed, {out.skipped_by_cap} left for the next run (spend cap); {out.llm_calls} LLM calls",
     )
     return out
@@ -183,8 +195,8 @@ def merge_qa(parts: Sequence[QASummary]) -> QASummary:
 
 
 @dataclass
-class RegenerateSummary:
-    fingerprint: str
+class RegenerateSummary(GenerationCounts):
+    fingerprint: str = ""
     dry_run: bool = False
     chunks_on_old_fingerprint: int = 0
     chunks_regenerated: int = 0
@@ -192,19 +204,13 @@ class RegenerateSummary:
     pairs_superseded: int = 0
     pairs_back: int = 0  # pairs an earlier regeneration superseded, made again by this one
     vectors_flagged: int = 0
-    qa_rejected: int = 0
-    qa_failed: list[dict] = field(default_factory=list)
-    skipped_by_cap: int = 0
-    llm_calls: int = 0
-    llm_tokens: int = 0
-    cache_hits: int = 0
 
 
 def regenerate_stage(
     settings: Settings,
     progress: Progress | None = None,
     generator=None,
-    doc_id: str | None = None,
+    doc_ids: Sequence[str] | None = None,
     dry_run: bool = False,
     actor: str | None = "cli",
 ) -> RegenerateSummary:
@@ -215,14 +221,15 @@ def regenerate_stage(
     pairs added, the chunk's other live pairs ``superseded`` (never trained, replayed or evaluated
     again; excluded pairs stay excluded), the fingerprint recorded; then the index's flags are
     synced. A chunk that fails or is left by a cap keeps its old pairs and fingerprint. The next
-    refresh indexes, deduplicates and trains the new pairs. The caller holds the refresh lock."""
-    from tasks.qa import RegistryCache, generate_for_chunks, generator_fingerprint
+    refresh indexes, deduplicates and trains the new pairs. ``doc_ids`` restricts it to those
+    documents. The caller holds the refresh lock."""
+    from tasks.qa import generator_fingerprint
 
     reg = Registry.from_settings(settings)
     fp = generator_fingerprint(generator) if generator is not None else settings_fingerprint(settings)
     if fp is None:
         raise ValueError("MORAL_QA_BACKEND=openai needs MORAL_QA_MODEL (the model name at the endpoint)")
-    chunks = reg.chunks_on_old_fingerprint(fp, doc_id=doc_id)
+    chunks = reg.chunks_on_old_fingerprint(fp, doc_ids=doc_ids)
     out = RegenerateSummary(fingerprint=fp, dry_run=dry_run, chunks_on_old_fingerprint=len(chunks))
     if dry_run or not chunks:
         say(progress, f"qa regenerate: {len(chunks)} chunks on another generation than {fp}")
@@ -230,26 +237,12 @@ def regenerate_stage(
     gen = generator or make_generator(settings)
     out.fingerprint = generator_fingerprint(gen)
     say(progress, f"qa regenerate: {len(chunks)} chunks with {out.fingerprint}")
-    result = generate_for_chunks(
-        chunks,
-        gen,
-        RegistryCache(reg),
-        settings.qa_concurrency,
-        max_calls=settings.max_llm_calls,
-        max_tokens=settings.max_llm_tokens,
-    )
-    failed = {cid for cid, _ in result.failed}
-    skipped = set(result.skipped_by_cap)
-    done = [c.chunk_id for c in chunks if c.chunk_id not in failed and c.chunk_id not in skipped]
+    result, done = _generate(settings, reg, chunks, gen, out)
     renewed = set(done)
     pairs = [p for p in result.pairs if p.chunk_id in renewed]
     out.pairs_new, gone, out.pairs_back = reg.record_regeneration(pairs, done, out.fingerprint, actor=actor)
     out.pairs_superseded = len(gone)
     out.chunks_regenerated = len(done)
-    out.qa_failed = [{"chunk_id": cid, "error": err} for cid, err in result.failed]
-    out.qa_rejected = len(result.rejected)
-    out.skipped_by_cap = len(skipped)
-    out.llm_calls, out.llm_tokens, out.cache_hits = result.llm_calls, result.tokens, result.cache_hits
     if gone or out.pairs_back:
         from storage.vectors import VectorStore
         from tasks.stages.index import sync_pair_flags
@@ -258,7 +251,7 @@ def regenerate_stage(
     say(
         progress,
         f"qa regenerate: {out.chunks_regenerated} chunks renewed, {out.pairs_new} new pairs, "
-        f"{out.pairs_superseded} superseded, {len(failed)} chunks failed, {out.skipped_by_cap} left by a "
+        f"{out.pairs_superseded} superseded, {len(out.qa_failed)} chunks failed, {out.skipped_by_cap} left by a "
         f"spend cap; {out.llm_calls} LLM calls, {out.cache_hits} cache hits",
     )
     return out

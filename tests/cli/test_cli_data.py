@@ -165,6 +165,8 @@ def test_qa_regenerate_renews_old_chunks_and_the_index_agrees(home, capsys, llm_
 
     out = json_out(capsys, ["qa", "regenerate", "--dry-run", "--json"])
     assert out["chunks_on_old_fingerprint"] == chunks and out["chunks_regenerated"] == 0
+    one_doc = json_out(capsys, ["qa", "regenerate", "--dry-run", "--doc", "drones.md", "--json"])
+    assert 0 < one_doc["chunks_on_old_fingerprint"] < chunks
     with refresh_lock(settings.home, purpose="test"):
         assert main(["qa", "regenerate"]) == 1  # never beside a refresh
     llm_endpoint.state.pairs_per_call = 1

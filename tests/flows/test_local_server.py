@@ -11,7 +11,13 @@ import time
 
 import pytest
 
-from flows.local_server import STATE_FILE, _stat, reap_orphaned_local_server, record_local_server
+from flows.local_server import (
+    STATE_FILE,
+    _stat,
+    command_line,
+    reap_orphaned_local_server,
+    record_local_server,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -41,8 +47,13 @@ def test_an_orphan_is_stopped_and_nothing_else(tmp_path, monkeypatch):
     try:
         time.sleep(0.3)
         with temporary_settings({PREFECT_API_URL: None}):  # local mode, as `moral refresh` runs it
-            assert record_local_server(tmp_path) == server.pid
+            recorded = record_local_server(tmp_path)
+        # A child of this process running Prefect's server: the stand-in, or the test harness's own
+        # when a Prefect test ran earlier in this process.
+        assert recorded is not None and "prefect.server.api.server:create_app" in command_line(recorded)
+        assert json.loads((tmp_path / STATE_FILE).read_text())["parent"] == os.getpid()
         # This process's own server (a second refresh in one process) is left alone.
+        write_state(tmp_path, server.pid, parent=os.getpid())
         assert reap_orphaned_local_server(tmp_path) is None and server.poll() is None
         # Its refresh alive in another process: left alone.
         write_state(tmp_path, server.pid, parent=os.getppid())

@@ -597,6 +597,7 @@ def test_the_fingerprint_from_settings_matches_the_generator_built_from_them(
     )
     assert settings_fingerprint(s) == generator_fingerprint(make_generator(s))
     assert settings_fingerprint(s) != settings_fingerprint(s.model_copy(update={"qa_pairs_per_chunk": 9}))
+    assert settings_fingerprint(s.model_copy(update={"qa_model": None})) is None  # no generator named
     assert settings_fingerprint(settings.model_copy(update={"qa_backend": "local"})).startswith(
         "local:smollm2-135m-instruct|local-qg-"
     )
