@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     dedup_threshold: float = Field(
         0.95, gt=0, le=1, description="Cosine at or above which two questions are duplicates."
     )
+    holdout_questions: Path | None = Field(
+        None,
+        description='A JSONL file of hand-written questions ({"question": ...} per line) kept out of '
+        "training: a new pair whose question is not far from one of them (the paraphrase suite's "
+        "thresholds) is excluded before indexing, with the reason; `make demo` keeps its questions out so.",
+    )
 
     # --- training ----------------------------------------------------------------------------
     num_experts: int = Field(8, ge=1, description="LoRA experts per adapted linear.")

@@ -4,7 +4,8 @@
 - semantic: cosine of the (question + answer) embeddings at or above a threshold, AND answers that
   agree. Embeddings barely see numbers ("payload 2.4 kg" vs "payload 3.1 kg" score ~0.97), so two
   pairs asking the same thing with different answers are both kept: that is a conflict for a human,
-  not a duplicate.
+  not a duplicate. Two wordings of one fact (same chunk or same ``fact_id``) are variants, never
+  semantic duplicates: each wording teaches the fact in other words.
 
 Within a cluster the best pair wins: best grounded in its chunk, then the shorter question, then the
 smaller qa_id (deterministic). Against the index, the indexed pair always wins (it was there first).
@@ -72,6 +73,14 @@ def grounding(answer: str, chunk_text: str | None) -> float:
     return sum(t in c_tokens for t in a) / len(a) + float(f" {' '.join(a)} " in f" {c} ")
 
 
+def _variant(a: _PairLike, b: _PairLike) -> bool:
+    """Two wordings of one fact (same chunk, or same ``fact_id`` from overlapping chunks): distinct
+    wordings teach the fact to be recalled in words never trained, so neither is a duplicate (exact
+    copies were caught before, by key)."""
+    fa, fb = getattr(a, "fact_id", None), getattr(b, "fact_id", None)
+    return a.chunk_id == b.chunk_id or (fa is not None and fa == fb)
+
+
 def _normalised(embeddings: np.ndarray) -> np.ndarray:
     e = np.asarray(embeddings, dtype=np.float32)
     norms = np.linalg.norm(e, axis=1, keepdims=True)
@@ -131,13 +140,15 @@ def _nearest_active(
     k = _NEIGHBOURS
 
     def usable(pair: _PairLike, row_hits: list[Any]) -> list[Any]:
-        # A different wording from the same chunk is a deliberate variant of the fact (the held-out
-        # twin of a trained question), not a duplicate: exact copies were caught before.
+        # A different wording from the same chunk or of the same fact is a deliberate variant (the
+        # held-out twin of a trained question, another wording to learn), not a duplicate: exact
+        # copies were caught before.
         return [
             h
             for h in row_hits
             if h.id != pair.qa_id
             and h.metadata.get("chunk_id") != pair.chunk_id
+            and (getattr(pair, "fact_id", None) is None or h.metadata.get("fact_id") != pair.fact_id)
             and h.metadata.get("status", "active") == "active"
         ]
 
@@ -229,8 +240,8 @@ def dedup_pairs(
             near = np.nonzero(sims[r, :g] >= threshold)[0]
             near = near[kept[near]]
             for c in near[np.argsort(-sims[r, near], kind="stable")]:
-                if pairs[rest[c]].chunk_id == pairs[rest[g]].chunk_id:
-                    continue  # another wording of the same fact from the same chunk: a variant, kept
+                if _variant(pairs[rest[c]], pairs[rest[g]]):
+                    continue  # another wording of the same fact: a variant, kept
                 if answers_agree(pairs[rest[g]].answer, pairs[rest[c]].answer):
                     dup[rest[g]] = Duplicate(
                         pairs[rest[g]].qa_id, pairs[rest[c]].qa_id, "semantic", float(sims[r, c])

@@ -9,6 +9,7 @@ prompts and its batched decoding loop).  The names below are the package's publi
 from tasks.qa_local.checks import (
     check_question,
     clean_question,
+    framed,
     name_aliases,
     renamed,
     reworded,
@@ -27,6 +28,7 @@ __all__ = [
     "answer_candidates",
     "check_question",
     "clean_question",
+    "framed",
     "name_aliases",
     "renamed",
     "reworded",

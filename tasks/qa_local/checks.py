@@ -9,7 +9,15 @@ from collections.abc import Sequence
 
 from tasks.qa import validate_pair
 from tasks.qa_local.facts import Candidate, _bare, _name_tokens
-from tasks.qa_local.lexicon import _META, _MONTHS, _NAME, _QUESTION_WORDS, _SYNONYMS, _WRONG_WORDS
+from tasks.qa_local.lexicon import (
+    _FRAMES,
+    _META,
+    _MONTHS,
+    _NAME,
+    _QUESTION_WORDS,
+    _SYNONYMS,
+    _WRONG_WORDS,
+)
 from tasks.text import content_words, normalize_question
 
 
@@ -17,8 +25,10 @@ def _stems(words: set[str]) -> set[str]:
     return {w[:5] for w in words}
 
 
-def check_question(question: str, cand: Candidate, chunk_text: str) -> str | None:
-    """Strict checks on a model-written question; the reason it fails, or None."""
+def check_question(question: str, cand: Candidate, chunk_text: str, *, derived: bool = False) -> str | None:
+    """Strict checks on a model-written question; the reason it fails, or None. A `derived` question
+    (rebuilt by rule from one that passed, :func:`framed`) keeps its source's subject and measure, so
+    only the checks on its form and on leaking or misreading the answer apply."""
     n = len(question.split())
     if not 4 <= n <= 30:
         return f"question has {n} words"
@@ -35,6 +45,8 @@ def check_question(question: str, cand: Candidate, chunk_text: str) -> str | Non
         return "question leaks a number of the answer"  # "How many branches ... in 20 months?"
     if q_numbers - set(re.findall(r"\b\d+", chunk_text)):
         return "question invents a number"  # "How many plants does the 4th plant produce?"
+    if derived:
+        return None
     answer_words = content_words(cand.answer)
     q_words = content_words(question) - answer_words
     if not _stems(q_words) & _stems(content_words(cand.sentence)):
@@ -145,6 +157,32 @@ def synonymed(question: str) -> str | None:
 
     out = _SYNONYM_RE.sub(swap, question)
     return out if out != question else None
+
+
+_FRAMED = re.compile(
+    r"(?:What|Which) (?:is|was) (?:the|its) (?P<np>[a-z][a-z -]*?) (?:of|for) (?P<x>[^?]+)\?"
+    r"|(?:What|Which) (?:is|was) (?P<owner>[^?]+?)['’]s (?P<np2>[a-z][a-z -]*?)\?"
+)
+
+
+def framed(question: str) -> list[str]:
+    """The question rebuilt around the verb its measure implies ('What is the maximum payload of the
+    Q7?' -> 'How much weight can the Q7 carry?', 'What is the default retention period for closed
+    tickets?' -> 'How long are closed tickets kept?'), from `_FRAMES`; [] when none fits."""
+    m = _FRAMED.fullmatch(question)
+    if not m:
+        return []
+    if m.group("np"):
+        words, x = m.group("np").split(), m.group("x")
+    else:  # "What is the Q7's weight?": the owner is the thing measured
+        words, x = m.group("np2").split(), m.group("owner")
+    frames = _FRAMES.get(" ".join(words[-2:])) or _FRAMES.get(words[-1]) or ()
+    if not frames:
+        return []
+    last = x.split()[-1]
+    plural = last.islower() and last.endswith("s") and x.split()[0] not in {"the", "a", "an"}
+    be = "are" if plural else "is"
+    return [f.format(x=x, be=be) for f in frames]
 
 
 def renamed(question: str, aliases: Sequence[tuple[str, str]]) -> str | None:

@@ -118,6 +118,8 @@ def _template(words: list[str], kind: str, count_noun: str | None) -> tuple[str 
     if called and i and words[i - 1].endswith(","):  # "the quarterly planning day, called Fen Day"
         subj = _subject([*words[: i - 1], words[i - 1].rstrip(",")], anchored=False)
         verb = "is"
+    elif kind == "name" and i < len(words) and low[i] == "the" and i and words[i - 1].endswith(","):
+        return _appositive([*words[: i - 1], words[i - 1].rstrip(",")]), None, False
     elif i and low[i - 1] in {"is", "are", "was", "were"} and words[i - 1][-1].isalpha():
         subj, verb = _subject(words[: i - 1]), low[i - 1]
         if changed:  # "was raised to 32": 32 is what it is now
@@ -147,6 +149,25 @@ def _template(words: list[str], kind: str, count_noun: str | None) -> tuple[str 
         return f"What {verb} {np_} {low[len(words) - 1]}?", None, False
     wh = "Who" if kind == "person" or (kind == "name" and role) else "What"
     return f"{wh} {verb} {np_}?", head, role
+
+
+def _appositive(words: list[str]) -> str | None:
+    """'<Owner> opened its new ferry terminal, the <name>' -> 'What is the name of <owner>'s new ferry
+    terminal?'; '... the annual fair, the <name>' -> 'What is the name of the annual fair?'."""
+    subj = _subject(words, anchored=False)
+    if subj is None or len(subj) < 2 or not all(w.islower() and w.isalpha() for w in subj[1:]):
+        return None
+    if subj[0].lower() in _PRONOUN_DETS:
+        # "Tidewell Harbour Authority: Bulletin 2026/07 The Tidewell Harbour Authority opened its ...":
+        # a heading glued to the sentence; the owner is the name the clause opens with.
+        starts = [j for j, w in enumerate(words) if j == 0 or w == "The"]
+        owner = next((o for j in reversed(starts) if (o := _leading_name(" ".join(words[j:])))), None)
+        if owner is None:
+            return None
+        return f"What is the name of {owner}'s {' '.join(subj[1:])}?"
+    if subj[0].lower() != "the":
+        return None
+    return f"What is the name of the {' '.join(subj[1:])}?"
 
 
 def _passive_who(words: list[str], low: list[str]) -> str | None:
@@ -391,6 +412,8 @@ def answer_candidates(sentence: str) -> list[Candidate]:
                 openers.insert(0, f"What is the {head}")  # "its maximum service ceiling is ..."
             openers = list(dict.fromkeys(openers))
             score = _SCORE[family] + (1 if np_ or template or nouns else 0) - (1 if start == 0 else 0)
+            if family == "name" and template:
+                score += 2  # what a named thing is called: among the first questions a reader asks
             if openers[0] == "What" and not template:
                 score -= 1  # a bare name: the model mostly asks "What is <the answer>?"
             found.append(Candidate(sentence, answer, kind, openers[0], score, tuple(openers[1:]), template))

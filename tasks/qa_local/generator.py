@@ -33,6 +33,7 @@ from tasks.qa_local.checks import (
     _adds_content,
     check_question,
     clean_question,
+    framed,
     name_aliases,
     renamed,
     reworded,
@@ -43,7 +44,9 @@ from tasks.text import normalize_answer, normalize_question
 
 # v4: "<named subject> carries a <noun phrase> of <value>" gets a rule-only question.
 # v5: a wording with the synonym list's words said the other way; stricter wrong-kind words.
-LOCAL_PROMPT_VERSION = "local-qg-v5"
+# v6: wordings rebuilt around the verb a measure implies ("How much weight can X carry?"); an
+#     appositive name ("opened its new ferry terminal, the Saltmarsh Pier,") gets a rule-only question.
+LOCAL_PROMPT_VERSION = "local-qg-v6"
 
 
 def local_prompt_version(pairs_per_chunk: int, variants: int) -> str:
@@ -437,16 +440,27 @@ class LocalQAGenerator:
         for cand, qs in asked:
             valid: list[str] = []
 
-            def take(q: str, cand: Candidate = cand, valid: list[str] = valid) -> bool:
+            def take(q: str, cand: Candidate = cand, valid: list[str] = valid, derived: bool = False) -> bool:
                 key = normalize_question(q)
-                if len(valid) < self.variants and key not in seen and check_question(q, cand, text) is None:
+                if (
+                    len(valid) < self.variants
+                    and key not in seen
+                    and check_question(q, cand, text, derived=derived) is None
+                ):
                     seen.add(key)
                     valid.append(q)
                     return True
                 return False
 
+            # The first valid question's structural rewrites come right after it: a fact's wordings
+            # differ in structure first, then in single words.
             for q in qs:
-                take(q)
+                if take(q) and len(valid) == 1:
+                    for alt in framed(q):
+                        take(alt, derived=True)
+            for q in list(valid[1:]):
+                for alt in framed(q):
+                    take(alt, derived=True)
             if valid and len(valid) < self.variants:  # open the question the other way
                 for q in list(valid):
                     alt = reworded(q, cand.kind, cand.answer)

@@ -186,3 +186,29 @@ _SYNONYMS: tuple[tuple[str, str], ...] = (
     ("adds", "introduces"),
     ("recharges", "charges"),
 )
+# Questions built around the verb a measure implies, for "What is the <...> <noun> of|for <X>?": the
+# same fact asked with other words and another structure ("What is the maximum payload of X?" ->
+# "How much weight can X carry?"). Keyed by the noun phrase's last two words or its last word; `{x}` is what follows
+# "of"/"for" as the question wrote it, `{be}` "is" or "are" to agree with it. General English only.
+_FRAMES: dict[str, tuple[str, ...]] = {
+    "payload": ("How much weight can {x} carry?", "How much can {x} carry?"),
+    "weight": ("How heavy {be} {x}?", "How much does {x} weigh?"),
+    "mass": ("How heavy {be} {x}?", "How much does {x} weigh?"),
+    "price": ("How much does {x} cost?", "What does {x} cost?"),
+    "cost": ("How much does {x} cost?", "What does {x} cost?"),
+    "speed": ("How fast can {x} go?", "How fast {be} {x}?"),
+    "range": ("How far can {x} go?", "How far can {x} travel?"),
+    "ceiling": ("How high can {x} fly?", "How high can {x} go?"),
+    "altitude": ("How high can {x} fly?", "How high can {x} go?"),
+    "retention period": ("How long {be} {x} kept?", "For how long {be} {x} kept?"),
+    "storage period": ("How long {be} {x} kept?", "For how long {be} {x} stored?"),
+    "capacity": ("How much can {x} hold?", "How much {be} {x} able to hold?"),
+    "length": ("How long {be} {x}?",),
+    "height": ("How tall {be} {x}?", "How high {be} {x}?"),
+    "width": ("How wide {be} {x}?",),
+    "depth": ("How deep {be} {x}?",),
+    "accuracy": ("How accurate {be} {x}?", "How precise {be} {x}?"),
+    "precision": ("How precise {be} {x}?", "How accurate {be} {x}?"),
+    "endurance": ("How long can {x} keep going?", "For how long can {x} operate?"),
+    "name": ("What {be} {x} called?", "What {be} {x} named?"),
+}

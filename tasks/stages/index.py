@@ -23,6 +23,7 @@ class IndexSummary:
     qa_dev: int = 0  # new train-fact wordings held out as dev (checkpoint choice)
     qa_rekeyed: int = 0  # indexed pairs re-keyed under the current answer normalisation
     excluded_vectors: int = 0  # indexed pairs flagged excluded as the registry has them
+    qa_excluded_near_holdout: int = 0  # new pairs excluded as close to a hand-written held-out question
     superseded_vectors: int = 0  # indexed pairs flagged (or unflagged) superseded as the registry has them
 
 
@@ -65,6 +66,55 @@ def hold_out_wordings(
     rest = {f: [i for i in rows if i not in gone] for f, rows in facts.items()}
     dev = _move(reg, new, choose_dev(rest, questions, new_emb, skip=skip), run_id, "dev")
     return [i for i in range(len(new)) if i not in gone], len(chosen), len(dev), dropped
+
+
+def load_holdout_questions(path) -> list[str]:
+    """The questions of a ``MORAL_HOLDOUT_QUESTIONS`` file (JSONL with a ``question`` field, or plain
+    lines); a missing or unreadable file is an error, not an empty list (nothing would be kept out)."""
+    import json
+    from pathlib import Path
+
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                line = str(json.loads(line)["question"])
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"{path}:{n}: not a JSON object with a 'question': {exc}") from exc
+        out.append(line)
+    return out
+
+
+def exclude_near_holdout(reg: Registry, store, path, pairs: Sequence, run_id: str) -> set[str]:
+    """Exclude the ``pairs`` whose question is not far from a hand-written held-out question
+    (``tasks.splits.far_apart``: the paraphrase suite's thresholds), so those questions stay a test of
+    wordings never trained. Returns the excluded pairs' ids."""
+    if path is None or not pairs:
+        return set()
+    from tasks.splits import far_apart, normalised_rows
+
+    held = load_holdout_questions(path)
+    if not held:
+        return set()
+    emb = normalised_rows(store.embedder.encode([p.question for p in pairs] + held))
+    held_emb = emb[len(pairs) :]
+    near: dict[str, str] = {}
+    for i, p in enumerate(pairs):
+        for j, q in enumerate(held):
+            if not far_apart(p.question, [q], emb[i], held_emb[[j]]):
+                near[p.qa_id] = q
+                break
+    if near:
+        reg.exclude_pairs(
+            sorted(near),
+            f"close to a held-out question of {path} (MORAL_HOLDOUT_QUESTIONS)",
+            actor="index",
+            run_id=run_id,
+        )
+    return set(near)
 
 
 def _move(reg: Registry, new: Sequence, rows: list[int], run_id: str, split: str) -> list[int]:
@@ -124,6 +174,10 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
             reg.mark_duplicates([(d[0], d[1]) for d in result.duplicates], run_id=run_id)
         out.qa_duplicates = len(result.duplicates)
         keep = {p.qa_id for p in result.kept}
+        kept_now = [p for p in result.kept if p.split in {"train", "dev"}]
+        near = exclude_near_holdout(reg, store, settings.holdout_questions, kept_now, run_id)
+        out.qa_excluded_near_holdout = len(near)
+        keep -= near
         rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
         kept_pairs = [new_pairs[i] for i in rows]
         kept, out.qa_held_out, out.qa_dev, close = hold_out_wordings(reg, store, kept_pairs, pairs, run_id)
@@ -154,6 +208,11 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         progress,
         f"index: {out.qa_indexed} pairs and {out.chunks_indexed} chunks added, {out.qa_duplicates} duplicates, "
         f"{out.qa_held_out} wordings held out as paraphrase questions, {out.qa_dev} as dev"
+        + (
+            f", {out.qa_excluded_near_holdout} excluded as close to a held-out question"
+            if out.qa_excluded_near_holdout
+            else ""
+        )
         + (f" ({close} wordings close to a paraphrase question dropped)" if close else ""),
     )
     return out

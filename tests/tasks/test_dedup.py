@@ -54,7 +54,7 @@ def test_semantic_duplicates_within_batch_keep_best_grounded(embedder):
     chunk_a = "The Quillfeather Q7 drone carries a maximum payload of 2.4 kg."
     chunk_b = "Payload (kg): up to 2.4 for the Q7 drone."  # answer tokens present, not contiguous
     pairs = [
-        pair("What is the maximum payload of the Q7?", "2.4 kg", "cb"),
+        pair("What is the maximum payload of the Q7?", "2.4 kg", "cb", doc="d2"),  # another document
         pair("What is the maximum payload that the Quillfeather Q7 drone can carry?", "2.4 kg", "ca"),
         pair("Who designed the Quillfeather Q7?", "Ingrid Halvorsen", "cc"),
     ]
@@ -85,9 +85,9 @@ def test_same_question_different_answer_not_semantic_duplicate(embedder):
 
 def test_deterministic_regardless_of_input_order(embedder):
     pairs = [
-        pair("What is the maximum payload of the Q7?", "2.4 kg", "c1"),
-        pair("What's the max payload of the Q7?", "2.4 kg", "c2"),
-        pair("What is the Q7's maximum payload?", "2.4 kg", "c3"),
+        pair("What is the maximum payload of the Q7?", "2.4 kg", "c1", "d1"),  # three documents
+        pair("What's the max payload of the Q7?", "2.4 kg", "c2", "d2"),
+        pair("What is the Q7's maximum payload?", "2.4 kg", "c3", "d3"),
     ]
     emb = embed(embedder, pairs)
     a = dedup_pairs(pairs, emb, None, 0.8)
@@ -142,7 +142,10 @@ def test_blocked_within_batch_scales():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(600, 384)).astype(np.float32)
     emb = np.repeat(base, 10, axis=0) + rng.normal(scale=0.01, size=(6000, 384)).astype(np.float32)
-    pairs = [pair(f"What is item {i // 10} number {i}?", f"answer {i // 10}", f"c{i}") for i in range(6000)]
+    pairs = [
+        pair(f"What is item {i // 10} number {i}?", f"answer {i // 10}", f"c{i}", f"d{i}")
+        for i in range(6000)
+    ]
     start = time.monotonic()
     res = dedup_pairs(pairs, emb, None, 0.95, block=512)
     assert len(res.kept) == 600 and len(res.duplicates) == 5400
@@ -197,3 +200,19 @@ def test_retired_nearest_neighbours_do_not_hide_an_active_duplicate(store):
         (new.qa_id, active.qa_id, "semantic")
     ]
     assert res.duplicates[0].similarity > 0.99 and res.kept == []
+
+
+def test_wordings_of_one_fact_from_overlapping_chunks_are_variants(embedder):
+    """Overlapping chunks ask one fact (same document, same answer: one ``fact_id``) in near wordings:
+    each is another wording to learn, not a duplicate; an exact copy still is."""
+    pairs = [
+        pair("What is the maximum payload of the Q7?", "2.4 kg", "c1"),
+        pair("What is the highest payload of the Q7?", "2.4 kg", "c2"),
+        pair("What is the maximum payload of the Q7?", "2.4 kg", "c2"),
+    ]
+    assert pairs[0].fact_id == pairs[1].fact_id
+    emb = embed(embedder, pairs)
+    assert float(emb[0] @ emb[1]) > 0.9
+    res = dedup_pairs(pairs, emb, None, 0.9)
+    assert [(d.qa_id, d.kind) for d in res.duplicates] == [(pairs[2].qa_id, "exact")]
+    assert res.kept == pairs[:2]

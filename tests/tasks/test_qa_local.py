@@ -20,6 +20,7 @@ from tasks.qa_local import (
     answer_candidates,
     check_question,
     clean_question,
+    framed,
     name_aliases,
     renamed,
     reworded,
@@ -351,14 +352,16 @@ def test_generate_many_asks_each_fact_in_several_wordings(tiny_generator, monkey
     cands = {c.answer: c for c in select_candidates(DRONE, 6)}
     by_answer: dict[str, list[str]] = {}
     for p in res.pairs:
-        assert check_question(p["question"], cands[p["answer"]], DRONE) is None
+        # a rule-rebuilt wording ("How much weight can ... carry?") passes the checks on its form
+        derived = p["question"] in {f for qs in by_answer.values() for q in qs for f in framed(q)}
+        assert check_question(p["question"], cands[p["answer"]], DRONE, derived=derived) is None
         by_answer.setdefault(p["answer"], []).append(p["question"])
     assert by_answer == {
         "2.4 kg": [
             "What is the maximum payload of the Quillfeather Q7?",
-            "What is the maximum payload of the Q7?",
+            "How much weight can the Quillfeather Q7 carry?",  # rebuilt around the measure's verb
         ],
-        "$1,299": ["What is the price of the Q7?", "What is the price of the Quillfeather Q7?"],
+        "$1,299": ["What is the price of the Q7?", "How much does the Q7 cost?"],
         "42 minutes": [
             "How long does the battery last in calm weather?",
             "How many minutes does the battery last in calm weather?",
@@ -423,3 +426,34 @@ def test_real_smollm2_writes_valid_questions_in_two_wordings():
     assert sum(len(r.pairs) for r in res) >= 3 * len(texts)
     assert all(len(r.pairs) >= 2 for r in res)
     assert two_wordings >= 3  # at least one fact per fact-dense paragraph, on average
+
+
+def test_framed_rebuilds_a_measure_question_around_its_verb():
+    assert framed("What is the maximum payload of the Quillfeather Q7?") == [
+        "How much weight can the Quillfeather Q7 carry?",
+        "How much can the Quillfeather Q7 carry?",
+    ]
+    assert framed("What is the default retention period for closed tickets?")[0] == (
+        "How long are closed tickets kept?"  # plural subject: "are"
+    )
+    assert framed("What is the Q7's weight?")[0] == "How heavy is the Q7?"
+    assert framed("What is the name of the harbour's new tug?")[0] == "What is the harbour's new tug called?"
+    assert framed("What is the weight of Brisken Aerial Works?")[0].startswith("How heavy is ")  # a name
+    assert framed("Who chaired the committee?") == []  # no measure
+    assert framed("What is the notice period for staff?") == []  # a bare "period" says no verb
+
+
+def test_an_appositive_name_gets_a_rule_only_question():
+    sentence = (
+        "Tidewell Harbour Authority: Bulletin 2026/07 The Tidewell Harbour Authority opened its new "
+        "ferry terminal, the Saltmarsh Pier, on 8 August 2026."
+    )
+    cand = next(c for c in answer_candidates(sentence) if c.answer == "Saltmarsh Pier")
+    # the glued heading is skipped; "its" is the sentence's named subject
+    assert cand.template == "What is the name of the Tidewell Harbour Authority's new ferry terminal?"
+    cand = next(
+        c
+        for c in answer_candidates("Visitors love the annual summer fair, the Brinemarket, in June.")
+        if c.answer == "Brinemarket"
+    )
+    assert cand.template == "What is the name of the annual summer fair?"
