@@ -151,3 +151,42 @@ def test_pairs_indexed_under_the_old_normalisation_are_rekeyed_once(store, embed
             and meta["key_version"] == KEY_VERSION
         )
     assert migrate_qa_keys(store, pairs, present) == 0  # nothing old is left: no work the second time
+
+
+def test_pairs_close_to_a_held_out_question_are_excluded_before_indexing(settings, embedder, tmp_path):
+    """MORAL_HOLDOUT_QUESTIONS: a generated wording close to a hand-written question (either paraphrase
+    threshold) is excluded with its reason and never indexed or trained; a far one is kept."""
+    from storage.records import QAPair
+    from storage.registry import Registry
+    from tasks.stages.index import index_stage, load_holdout_questions
+    from tasks.stages.ingest import ingest_stage
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "q7.md").write_text(TEXT)
+    held = tmp_path / "held.jsonl"
+    held.write_text(
+        '{"question": "How much weight can the Quillfeather Q7 drone carry?", "answer": "2.4 kg"}\n'
+    )
+    assert load_holdout_questions(held) == ["How much weight can the Quillfeather Q7 drone carry?"]
+    s = settings.model_copy(update={"holdout_questions": held})
+    ingest_stage(s, src, "run-1")
+    reg = Registry.from_settings(s)
+    chunk = reg.chunks()[0]
+    close = QAPair.new(
+        chunk.chunk_id, chunk.doc_id, "How much weight can the Quillfeather Q7 carry?", "2.4 kg", "train"
+    )
+    far = QAPair.new(
+        chunk.chunk_id, chunk.doc_id, "What is the maximum payload of the Quillfeather Q7?", "2.4 kg", "train"
+    )
+    other = QAPair.new(chunk.chunk_id, chunk.doc_id, "How long does the battery last?", "42 minutes", "train")
+    reg.add_qa_pairs([close, far, other], run_id="run-1")
+    out = index_stage(s, "run-1")
+    assert out.qa_excluded_near_holdout == 1
+    assert [p.qa_id for p in reg.qa_pairs(status="excluded")] == [close.qa_id]
+    store = VectorStore(s, embedder)
+    assert close.qa_id not in set(store.ids(QA_PAIRS, ids=[close.qa_id, far.qa_id, other.qa_id]))
+    assert reg.qa_pairs(ids=[far.qa_id])  # far from the held-out question: still trained
+    held.write_text("not json but a question?\n{broken\n")
+    with pytest.raises(ValueError, match="held.jsonl:2"):
+        load_holdout_questions(held)
