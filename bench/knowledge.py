@@ -24,9 +24,10 @@ metric (``tasks.metrics.strict_recall``).  One JSON object is printed on stdout:
 * ``pipeline`` — per version, the pipeline's own ``paraphrase`` / ``unseen`` suites (closed, open),
   the world-knowledge NLL rise (format-neutral) and drift, with intervals, and the gate's decision;
 * ``similarity`` — each hand-written question's MiniLM cosine and content-word Jaccard to its
-  nearest trained question (quantiles); generated wordings close to a hand-written question are
-  excluded before training (``MORAL_HOLDOUT_QUESTIONS``), so trained-fact questions are asked in
-  words far from every trained question;
+  nearest trained question (quantiles); ``trained_fact_far`` is recall on the trained-fact questions
+  far from every trained question by both paraphrase thresholds (``tasks.splits``). ``--keep-out``
+  excludes generated wordings close to a hand-written question before training
+  (``MORAL_HOLDOUT_QUESTIONS``), so every trained-fact question is asked in words never trained;
 * ``seconds`` — QA, training and evaluation wall time.
 
     .venv/bin/python bench/knowledge.py                        # the full run (see BENCHMARKS.md)
@@ -293,9 +294,15 @@ def trained_facts(settings: Settings, facts: Sequence[dict]) -> set[str]:
     }
 
 
-def grouped(questions: Sequence[dict], answers: Sequence[str], seen: set[str] | None = None) -> dict:
+def grouped(
+    questions: Sequence[dict],
+    answers: Sequence[str],
+    seen: set[str] | None = None,
+    far: set[str] | None = None,
+) -> dict:
     """Strict recall by split (tune/report) and group (trained/document_only), and confabulation;
-    with ``seen`` (facts some trained pair asks about), the trained group split by that too."""
+    with ``seen`` (facts some trained pair asks about), the trained group split by that too, and with
+    ``far`` (qids far from every trained question) the trained-fact questions that are far."""
     from tasks.metrics import is_refusal
 
     out: dict = {}
@@ -314,18 +321,31 @@ def grouped(questions: Sequence[dict], answers: Sequence[str], seen: set[str] | 
                     if q["group"] == "trained" and (q["fact_id"] in seen) == keep
                 ]
                 res[name] = _ci(score([q for q, _ in sub], [a for _, a in sub]))
+            if far is not None:
+                sub = [
+                    (q, a)
+                    for q, a in answerable
+                    if q["group"] == "trained" and q["fact_id"] in seen and q["qid"] in far
+                ]
+                res["trained_fact_far"] = _ci(score([q for q, _ in sub], [a for _, a in sub]))
         unans = [a for q, a in rows if q["group"] == "unanswerable"]
         res["confabulation"] = _ci([1.0 - is_refusal(a) for a in unans])
         out[split] = res
     return out
 
 
-def ask_suite(url: str, model: str, questions: Sequence[dict], seen: set[str] | None = None) -> dict:
+def ask_suite(
+    url: str,
+    model: str,
+    questions: Sequence[dict],
+    seen: set[str] | None = None,
+    far: set[str] | None = None,
+) -> dict:
     texts = [q["question"] for q in questions]
     out = {}
     for mode, open_book in (("closed", False), ("open", True)):
         answers = ask_all(url, model, texts, open_book)
-        out[mode] = {"scores": grouped(questions, answers, seen), "answers": answers}
+        out[mode] = {"scores": grouped(questions, answers, seen, far), "answers": answers}
     return out
 
 
@@ -340,7 +360,9 @@ def measured(settings: Settings) -> dict:
 
 
 # --- one arm --------------------------------------------------------------------------------------
-def arm_env(home: Path, arm: str, seed: int, quick: bool, extra: dict[str, str]) -> dict[str, str]:
+def arm_env(
+    home: Path, arm: str, seed: int, quick: bool, extra: dict[str, str], keep_out: bool = False
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MORAL_") or k == "MORAL_MODEL_CACHE"}
     env.update(
         {
@@ -348,11 +370,10 @@ def arm_env(home: Path, arm: str, seed: int, quick: bool, extra: dict[str, str])
             "MORAL_SEED": str(seed),
             "MORAL_FIVEL_SIZE": "0",  # not what this benchmark measures: the minutes go to training
             "MORAL_RECALL_SAMPLE": "20",
-            # The hand-written questions are kept out of training: a generated wording close to one
-            # (either paraphrase threshold) is excluded, so "trained fact" means "in other words".
-            "MORAL_HOLDOUT_QUESTIONS": str(CORPUS / "questions.jsonl"),
         }
     )
+    if keep_out:  # --keep-out: a generated wording close to a hand-written question is never trained
+        env["MORAL_HOLDOUT_QUESTIONS"] = str(CORPUS / "questions.jsonl")
     if arm == "lora-rm":
         experts = int(extra.get("MORAL_NUM_EXPERTS", os.environ.get("MORAL_NUM_EXPERTS", "8")))
         rank = int(extra.get("MORAL_RANK", os.environ.get("MORAL_RANK", "8")))
@@ -401,20 +422,40 @@ def trained_questions(settings: Settings) -> list[str]:
     return [p.question for p in reg.qa_pairs(status=None) if p.qa_id in trained]
 
 
-def similarity(settings: Settings, questions: Sequence[dict]) -> dict:
-    """Each hand-written question's nearest trained question: MiniLM cosine and content-word Jaccard."""
-    import numpy as np
-
+def nearest(settings: Settings, questions: Sequence[dict]) -> dict[str, tuple[float, float]]:
+    """qid -> (MiniLM cosine, content-word Jaccard) of each answerable hand-written question to its
+    nearest trained question; {} when nothing was trained."""
     from storage.vectors import Embedder
     from tasks.splits import jaccard, normalised_rows
 
     trained = trained_questions(settings)
-    asked = [q["question"] for q in questions if q["group"] != "unanswerable"]
+    asked = [q for q in questions if q["group"] != "unanswerable"]
     if not trained or not asked:
         return {}
     embed = Embedder.from_settings(settings).encode
-    cos = (normalised_rows(embed(asked)) @ normalised_rows(embed(trained)).T).max(axis=1)
-    jac = np.array([max(jaccard(q, t) for t in trained) for q in asked])
+    texts = [q["question"] for q in asked]
+    cos = (normalised_rows(embed(texts)) @ normalised_rows(embed(trained)).T).max(axis=1)
+    return {
+        q["qid"]: (float(c), max(jaccard(q["question"], t) for t in trained))
+        for q, c in zip(asked, cos, strict=True)
+    }
+
+
+def far_questions(near: dict[str, tuple[float, float]]) -> set[str]:
+    """The qids far from every trained question by both paraphrase thresholds."""
+    from tasks.splits import MAX_COSINE, MAX_JACCARD
+
+    return {qid for qid, (c, j) in near.items() if c <= MAX_COSINE and j <= MAX_JACCARD}
+
+
+def similarity(near: dict[str, tuple[float, float]]) -> dict:
+    """Quantiles of the nearest-trained-question similarities (:func:`nearest`)."""
+    import numpy as np
+
+    if not near:
+        return {}
+    cos = np.array([c for c, _ in near.values()])
+    jac = np.array([j for _, j in near.values()])
 
     def quantiles(x: np.ndarray) -> dict:
         return {
@@ -423,7 +464,7 @@ def similarity(settings: Settings, questions: Sequence[dict]) -> dict:
         }
 
     return {
-        "n": len(asked),
+        "n": len(near),
         "cosine": {**quantiles(cos), "share_above_0.85": round(float((cos > 0.85).mean()), 3)},
         "jaccard": {**quantiles(jac), "share_above_0.5": round(float((jac > 0.5).mean()), 3)},
     }
@@ -446,13 +487,14 @@ def run_arm(
     extra: dict[str, str],
     ask_base: bool,
     n_parts: int = len(PARTS),
+    keep_out: bool = False,
 ) -> dict:
     home = work / f"{arm}-seed{seed}"
     source = work / f"src-{arm}-seed{seed}"
     shutil.rmtree(home, ignore_errors=True)
     shutil.rmtree(source, ignore_errors=True)
     source.mkdir(parents=True)
-    env = arm_env(home, arm, seed, quick, extra)
+    env = arm_env(home, arm, seed, quick, extra, keep_out)
     settings = settings_from(env)
     settings.ensure_dirs()
     kind = "moral" if arm == "moral" else "lora"
@@ -485,8 +527,10 @@ def run_arm(
         "of": sum(not f.get("document_only") for f in corpus["facts"]),
     }
     out["final_version"] = measured(settings)
+    near = nearest(settings, questions)
+    far = far_questions(near)
     with served(env) as url:
-        final = ask_suite(url, latest_model(settings), questions, seen)
+        final = ask_suite(url, latest_model(settings), questions, seen, far)
         out["report"] = {m: v["scores"] for m, v in final.items()}
         out["part1_after"] = {
             m: grouped(
@@ -494,8 +538,8 @@ def run_arm(
             )["report"]
             for m in ("closed", "open")
         }
-        base = ask_suite(url, "moral-refresh@base", questions, seen) if ask_base else None
-    out["similarity"] = similarity(settings, questions)
+        base = ask_suite(url, "moral-refresh@base", questions, seen, far) if ask_base else None
+    out["similarity"] = similarity(near)
     if not quick and n_parts == len(PARTS):
         for f in sorted((CORPUS / "docs" / "edited").iterdir()):
             if f.is_file():
@@ -547,6 +591,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(--parts 1: a ~20-minute loop for choices read on the tune questions)",
     )
     parser.add_argument(
+        "--keep-out",
+        action="store_true",
+        help="exclude generated wordings close to a hand-written question before training",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="MORAL_X=V", help="a setting for every arm (repeatable)"
     )
     args = parser.parse_args(argv)
@@ -572,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     extra,
                     ask_base=(seed == 0 and n == 0),
                     n_parts=args.parts,
+                    keep_out=args.keep_out,
                 )
                 result["arms"].setdefault(arm, []).append(got["arm"])
                 if got["base"] is not None:
