@@ -9,7 +9,8 @@ answer otherwise).  Splits are decided per fact, by a hash of the fact id:
 * ``train`` facts: trained, except that one wording per fact may be held out as a ``paraphrase``
   eval question when it is far from every other wording of that fact (content-word Jaccard
   ≤ ``MAX_JACCARD`` **and** MiniLM cosine ≤ ``MAX_COSINE`` to each trained one; a new wording close
-  to the held-out one is dropped as its duplicate, never trained),
+  to the held-out one is dropped as its duplicate, never trained; the fact keeps at least
+  ``MIN_TRAINED_WORDINGS`` trained wordings),
   and, for a ``dev_frac`` share of the other train facts (by hash), one wording is held out as
   ``dev``: the checkpoint choice and bank selection score recall of a trained fact in words it was
   not trained on.  A fact with a paraphrase question never gets a dev wording and the other way
@@ -34,6 +35,9 @@ from tasks.text import content_words, stable_hash
 
 MAX_JACCARD = 0.5  # content-word Jaccard of a paraphrase to each trained wording of its fact
 MAX_COSINE = 0.85  # MiniLM cosine of a paraphrase's question to each trained wording's question
+#: Trained wordings a fact keeps when one is held out as a paraphrase question: a fact taught in one
+#: wording is rarely recalled in another (the held-out one would measure the hold-out, not the recipe).
+MIN_TRAINED_WORDINGS = 2
 
 
 def _unit(*parts: object) -> float:
@@ -101,7 +105,7 @@ def choose_paraphrases(
 ) -> list[int]:
     """Rows to hold out as paraphrase questions: at most one per fact, far from every other wording
     of the fact (the new ones in ``facts`` and the already-trained ones in ``trained``).  The fact
-    keeps at least one trained wording.  ``emb`` rows are normalised question embeddings.
+    keeps at least ``MIN_TRAINED_WORDINGS`` trained wordings.  ``emb`` rows are normalised question embeddings.
 
     With ``drop_close`` a new wording may be chosen although some other *new* wordings of its fact
     are close to it ("What is the highest payload ...?" beside "What is the maximum payload ...?"):
@@ -119,8 +123,8 @@ def choose_paraphrases(
             rest = [i for i in rows if i != r]
             close = close_wordings(r, rows, questions, emb) if drop_close else []
             rest = [i for i in rest if i not in close]
-            if not rest and not old_q:
-                continue  # the fact would keep no trained wording
+            if len(rest) + len(old_q) < MIN_TRAINED_WORDINGS:
+                continue  # the fact would keep too few trained wordings to be learned
             others = [questions[i] for i in rest] + list(old_q)
             other_e = np.concatenate([emb[rest], old_e]) if len(old_q) else emb[rest]
             if far_apart(questions[r], others, emb[r], other_e):

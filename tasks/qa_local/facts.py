@@ -1,5 +1,8 @@
 """Fact selection: which spans of a chunk become questions (:class:`Candidate`: a sentence, an answer
 span, its kind and the question openers that fit it) and how the candidates of a chunk are chosen.
+
+One file (~460 lines): the span patterns, the rule-only templates and the openers read one sentence
+together (a template decides the score and the openers), so they stay beside each other.
 """
 
 from __future__ import annotations

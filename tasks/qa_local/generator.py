@@ -10,14 +10,15 @@ question is then checked strictly and dropped when it fails.
 Each fact (sentence, answer span) is asked `variants` times in different wording, with the same
 answer: a rule-only template where the sentence allows one ("<the subject> is <answer>" -> "What is
 <the subject>?", "<X>, chaired by <person>" -> "Who chaired <X>?"), and model completions of different
-openers ("What is the maximum payload ..." / "How much ..."); only when those do not give enough
-distinct valid questions, a valid one is reopened by rule ("Who ..." / "Which person ...", "When ..." /
+openers ("What is the maximum payload ..." / "How much ..."), the first valid one also rebuilt
+around the verb its measure implies ("How much weight can the Q7 carry?", `checks.framed`); only
+when those do not give enough distinct valid questions, a valid one is reopened by rule ("Who ..." / "Which person ...", "When ..." /
 "On what date ...") or its subject named the other way ("the Quillfeather Q7" / "the Q7"). The training
 data then holds several wordings of a fact and the question-hash split puts some in train and some in
 the held-out eval: an eval question asks about a fact the adapter was trained on, in words it was not
 trained on. `pairs_per_chunk` caps the facts per chunk; the pairs are up to pairs_per_chunk * variants.
 
-One file (~450 lines): the generator class and its prompts are one concept; the rules it applies
+One file (~480 lines): the generator class and its prompts are one concept; the rules it applies
 are in the package's other modules.
 """
 

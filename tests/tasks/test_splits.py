@@ -13,6 +13,7 @@ from storage.registry import Registry
 from tasks.splits import (
     MAX_COSINE,
     MAX_JACCARD,
+    MIN_TRAINED_WORDINGS,
     choose_dev,
     choose_paraphrases,
     close_wordings,
@@ -66,6 +67,8 @@ def test_choose_paraphrases_holds_out_one_far_wording_and_keeps_one_trained(embe
     chosen = choose_paraphrases({"payload": [0, 1, 2], "launch": [3]}, qs, emb)
     assert chosen == [0]  # the far one; a single wording is never held out
     assert choose_paraphrases({"payload": [1, 2]}, qs, emb) == []  # close wordings stay in train
+    # a fact keeps two trained wordings: with one other wording, nothing is held out
+    assert MIN_TRAINED_WORDINGS == 2 and choose_paraphrases({"payload": [0, 1]}, qs, emb) == []
     # against already-trained wordings: the far one is held out even when it is the only new one
     trained = {"payload": (list(CLOSE), emb[1:3])}
     assert choose_paraphrases({"payload": [0]}, qs, emb, trained) == [0]
