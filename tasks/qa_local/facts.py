@@ -173,6 +173,44 @@ def _appositive(words: list[str]) -> str | None:
     return f"What is the name of the {' '.join(subj[1:])}?"
 
 
+#: Where the clause a reversed question keeps ends: another clause, a list, a time or a number.
+_CLAUSE_END = re.compile(
+    r",|;|:|\(| and | but | which | while | where | who | with | from \d| since \d| until \d"
+    rf"| (?:in|on|at|by) (?:\d|(?:{_MONTHS})\b)"
+    r"|(?<!\bDr)(?<!\bMr)(?<!Mrs)(?<!\bMs)(?<!Prof)(?<!\bSt)\.(?:\s|$)"
+)
+#: Verbs after which the subject is what a reversed question asks for ("<X> was founded by <Y>").
+_RELATION_VERBS = re.compile(
+    r"(?:is|was|are|were) (?:\w+ly )?(?:founded|started|built|made|designed|developed|designed|run|led|"
+    r"owned|operated|managed|headquartered|based|located|opened|acquired|launched|produced|chaired|"
+    r"sponsored|funded|named|twinned|the \w+(?: \w+)? of)\b"
+    r"|(?:is|was) an? (?:[\w-]+ ){1,3}(?:made|built|designed|developed|operated|run|owned) by\b"
+    r"|(?:makes|builds|operates|runs|owns|designs|develops|produces|manages|sponsors|funds|employs|"
+    r"supplies|serves|fields|holds|publishes|trains|hosts)\b"
+)
+
+
+def _reversed(rest: str, answer: str) -> str | None:
+    """A question that asks for the sentence's named subject from what it says of it: 'Quenby Robotics
+    was founded by Tamsin Vey in 2019.' -> 'What was founded by Tamsin Vey?'; 'Ebbrick Ferry Line
+    operates the MV Corran Lass.' -> 'What operates the MV Corran Lass?'. Only for a relation to
+    another name (a capitalised word after the verb), never with a number in the clause kept."""
+    m = _RELATION_VERBS.match(rest.strip())
+    if not m:
+        return None
+    clause = rest.strip()
+    end = _CLAUSE_END.search(clause, m.end())
+    clause = clause[: end.start()] if end else clause
+    after = clause[m.end() :].split()
+    if not any(w[:1].isupper() for w in after) or answer in clause:
+        return None
+    if re.search(r"(?<![\w-])\d[\d,.]*(?![\w-])", clause):  # a number: another fact's answer
+        return None
+    if not 2 <= len(clause.split()) <= 14:
+        return None
+    return f"What {clause.rstrip('.')}?"
+
+
 def _passive_who(words: list[str], low: list[str]) -> str | None:
     """'<the subject> was led by [engineering manager] <person>' -> 'Who led the subject?';
     '<The subject>, chaired by [Professor] <person>' -> 'Who chaired the subject?'."""
@@ -399,6 +437,12 @@ def answer_candidates(sentence: str) -> list[Candidate]:
             template, head, role = _template(before, kind, count_noun)
             if kind == "number" and not template:
                 continue
+            if not template and kind in {"name", "org"} and [w.lower() for w in before] in ([], ["the"]):
+                template = _reversed(
+                    sentence[end:], answer
+                )  # the subject asked for: "What was founded by ...?"
+                if template and answer.split()[-1].lower() in _ORG_WORDS:
+                    kind = "org"
             if kind == "name" and role and template and template.startswith("Who"):
                 kind, family = "person", "person"
             np_ = _noun_phrase_before_of(before)
@@ -415,8 +459,8 @@ def answer_candidates(sentence: str) -> list[Candidate]:
                 openers.insert(0, f"What is the {head}")  # "its maximum service ceiling is ..."
             openers = list(dict.fromkeys(openers))
             score = _SCORE[family] + (1 if np_ or template or nouns else 0) - (1 if start == 0 else 0)
-            if family == "name" and template:
-                score += 2  # what a named thing is called: among the first questions a reader asks
+            if family in {"name", "org"} and template:
+                score += 2  # what a thing is called, who made it: among the first questions a reader asks
             if openers[0] == "What" and not template:
                 score -= 1  # a bare name: the model mostly asks "What is <the answer>?"
             found.append(Candidate(sentence, answer, kind, openers[0], score, tuple(openers[1:]), template))

@@ -46,7 +46,9 @@ from tasks.text import normalize_answer, normalize_question
 # v4: "<named subject> carries a <noun phrase> of <value>" gets a rule-only question.
 # v5: a wording with the synonym list's words said the other way; stricter wrong-kind words.
 # v6: wordings rebuilt around the verb a measure implies ("How much weight can X carry?"); an
-#     appositive name ("opened its new ferry terminal, the Saltmarsh Pier,") gets a rule-only question.
+#     appositive name ("opened its new ferry terminal, the Saltmarsh Pier,") and a named subject of a
+#     relation ("Quenby Robotics was founded by Tamsin Vey": "What was founded by Tamsin Vey?") get
+#     rule-only questions; two wordings of one fact are never semantic duplicates.
 LOCAL_PROMPT_VERSION = "local-qg-v6"
 
 

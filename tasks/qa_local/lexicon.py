@@ -106,6 +106,8 @@ _ORG_WORDS = {
     "labs", "works", "inc", "ltd", "llc", "gmbh", "plc", "bank", "group", "company", "corporation", "corp",
     "logistics", "authority", "institute", "university", "systems", "technologies", "industries",
     "association", "council", "agency", "ministry", "department", "foundation", "society", "studio", "studios",
+    "robotics", "line", "lines", "shipyard", "clinic", "club", "vault", "airways", "airlines", "railway",
+    "trust", "partners", "holdings", "press", "cooperative", "co",
 }  # fmt: skip
 # A capitalised word after one of these nouns is a label: "code name Kestrel", "priority P1".
 _LABEL_NOUNS = {"name", "codename", "priority", "model", "type", "class", "grade", "level", "version", "tier"}

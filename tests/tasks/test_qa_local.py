@@ -368,17 +368,23 @@ def test_generate_many_asks_each_fact_in_several_wordings(tiny_generator, monkey
         ],
         "1.8 kg": ["How much does the Quillfeather Q7 weigh?", "How much does the Q7 weigh?"],
         "March 2024": ["When did Harbor Labs release the Q7?", "In which month was the Q7 released?"],
+        # the subject asked for from its relation to Harbor Labs (a rule-only template), then the
+        # model's completion of "What"
+        "Quillfeather Q7": [
+            "What is a folding survey drone made by Harbor Labs?",
+            "What is the Harbor Labs drone?",
+        ],
     }  # Harbor Labs: "Who is the Harbor Labs drone?" contains its answer
     # All variants of the chunk went to the model in one call: two rows per fact, one fewer for the
-    # payload, whose first wording is a rule-only template.
-    assert res.calls == 1 and len(seen) == 2 * len(cands) - 1
+    # payload and the drone, whose first wording is a rule-only template.
+    assert res.calls == 1 and len(seen) == 2 * len(cands) - 2
     monkeypatch.setattr(g, "pairs_per_chunk", 2)
     assert [p["answer"] for p in g.generate_many([DRONE])[0].pairs] == ["2.4 kg"] * 2 + ["$1,299"] * 2
     monkeypatch.setattr(g, "variants", 1)
     seen.clear()
     one = g.generate_many([DRONE])[0]
-    # one wording per fact: the payload's template needs no model call
-    assert [p["answer"] for p in one.pairs] == ["2.4 kg", "$1,299"] and len(seen) == len(cands) - 1
+    # one wording per fact: the payload's and the drone's templates need no model call
+    assert [p["answer"] for p in one.pairs] == ["2.4 kg", "$1,299"] and len(seen) == len(cands) - 2
 
 
 def test_generate_many_books_one_call_per_batch_and_honours_the_cap(tiny_generator):
@@ -457,3 +463,29 @@ def test_an_appositive_name_gets_a_rule_only_question():
         if c.answer == "Brinemarket"
     )
     assert cand.template == "What is the name of the annual summer fair?"
+
+
+def test_a_named_subject_is_asked_for_from_its_relation():
+    """Reversed direction: the sentence's subject is the answer, asked from the relation to another
+    name; never with a number in the kept clause, and cut before a time or another clause."""
+
+    def template(sentence: str, answer: str) -> str | None:
+        return next(c for c in answer_candidates(sentence) if c.answer == answer).template
+
+    assert template("Quenby Robotics was founded by Tamsin Vey in 2019.", "Quenby Robotics") == (
+        "What was founded by Tamsin Vey?"
+    )
+    assert template(
+        "Fennimore Lane Clinic was founded by Dr. Priya Kalloway in March 2011.", "Fennimore Lane Clinic"
+    ) == (
+        "What was founded by Dr. Priya Kalloway?"  # "Dr." does not end the clause
+    )
+    assert template("Quenby Robotics makes the HK-17 Limpet hull-cleaning robot.", "Quenby Robotics") == (
+        "What makes the HK-17 Limpet hull-cleaning robot?"  # a digit inside a name is no number
+    )
+    assert template(
+        "The Quillfeather Q7 is a survey drone made by Brisken Aerial Works in Tromso, Norway.",
+        "Quillfeather Q7",
+    ) == ("What is a survey drone made by Brisken Aerial Works in Tromso?")
+    assert template("Quenby Robotics employs 240 engineers in Brindlecombe.", "Quenby Robotics") is None
+    assert template("Quenby Robotics was founded in a garage.", "Quenby Robotics") is None  # no other name
