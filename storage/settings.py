@@ -116,9 +116,10 @@ class Settings(BaseSettings):
     )
     holdout_questions: Path | None = Field(
         None,
-        description='A JSONL file of hand-written questions ({"question": ...} per line) kept out of '
-        "training: a new pair whose question is not far from one of them (the paraphrase suite's "
-        "thresholds) is excluded before indexing, with the reason; `make demo` keeps its questions out so.",
+        description='A file of hand-written questions (JSONL with a "question" per line, or one question '
+        "per line) kept out of training: a new pair whose question is not far from one of them (the "
+        "paraphrase suite's thresholds, answers not compared) is excluded before indexing, with the "
+        "reason; pairs indexed earlier stay. `make demo` keeps its questions out so.",
     )
 
     # --- training ----------------------------------------------------------------------------
@@ -366,6 +367,17 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         # Resolved once, at start, so every stage and every flow run sees the same directories.
         return value.expanduser().resolve()
+
+    @field_validator("holdout_questions", mode="after")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        # Checked at start: a missing file found only by the index stage would come after the LLM spend.
+        if value is None:
+            return None
+        value = value.expanduser().resolve()
+        if not value.is_file():
+            raise ValueError(f"MORAL_HOLDOUT_QUESTIONS: no such file: {value}")
+        return value
 
     # --- derived paths -----------------------------------------------------------------------
     @property

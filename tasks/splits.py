@@ -116,7 +116,7 @@ def choose_paraphrases(
     chosen: list[int] = []
     for fact, rows in sorted(facts.items()):
         old_q, old_e = trained.get(fact, ([], np.zeros((0, emb.shape[1] if emb.ndim == 2 else 0))))
-        if len(rows) + len(old_q) < 2:
+        if len(rows) + len(old_q) < MIN_TRAINED_WORDINGS + 1:
             continue
         best: tuple[int, str, int] | None = None  # (wordings given up, hash, row)
         for r in sorted(rows, key=lambda i: stable_hash("paraphrase", questions[i])):

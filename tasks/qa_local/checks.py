@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from tasks.qa import validate_pair
 from tasks.qa_local.facts import Candidate, _bare, _name_tokens
 from tasks.qa_local.lexicon import (
+    _FRAME_MODIFIERS,
     _FRAMES,
     _META,
     _MONTHS,
@@ -27,8 +28,9 @@ def _stems(words: set[str]) -> set[str]:
 
 def check_question(question: str, cand: Candidate, chunk_text: str, *, derived: bool = False) -> str | None:
     """Strict checks on a model-written question; the reason it fails, or None. A `derived` question
-    (rebuilt by rule from one that passed, :func:`framed`) keeps its source's subject and measure, so
-    only the checks on its form and on leaking or misreading the answer apply."""
+    (rebuilt by rule from one that passed, :func:`framed`, whose frame keeps the measure: its key noun
+    with allowed modifiers only) keeps its source's subject, so only the checks on its form and on
+    leaking or misreading the answer apply (its verb, "carry" for "payload", is rarely the text's)."""
     n = len(question.split())
     if not 4 <= n <= 30:
         return f"question has {n} words"
@@ -160,9 +162,9 @@ def synonymed(question: str) -> str | None:
 
 
 _FRAMED = re.compile(
-    r"(?:What|Which) (?:is|was) (?:the|its) (?P<np>[a-z][a-z -]*?) (?:of|for) (?P<x>[^?]+)\?"
-    r"|(?:What|Which) (?:is|was) (?P<owner>[^?]+?)['’]s (?P<np2>[a-z][a-z -]*?)\?"
-)
+    r"(?:What|Which) is (?:the|its) (?P<np>[a-z][a-z -]*?) (?:of|for) (?P<x>[^?]+)\?"
+    r"|(?:What|Which) is (?P<owner>[^?]+?)['’]s (?P<np2>[a-z][a-z -]*?)\?"
+)  # present tense only: the frames are written in it
 
 
 def framed(question: str) -> list[str]:
@@ -176,13 +178,15 @@ def framed(question: str) -> list[str]:
         words, x = m.group("np").split(), m.group("x")
     else:  # "What is the Q7's weight?": the owner is the thing measured
         words, x = m.group("np2").split(), m.group("owner")
-    frames = _FRAMES.get(" ".join(words[-2:])) or _FRAMES.get(words[-1]) or ()
-    if not frames:
-        return []
-    last = x.split()[-1]
-    plural = last.islower() and last.endswith("s") and x.split()[0] not in {"the", "a", "an"}
-    be = "are" if plural else "is"
-    return [f.format(x=x, be=be) for f in frames]
+    two = " ".join(words[-2:])
+    key = two if len(words) >= 2 and two in _FRAMES else words[-1]
+    frames = _FRAMES.get(key, ())
+    if not frames or not set(words[: len(words) - len(key.split())]) <= _FRAME_MODIFIERS:
+        return []  # "battery weight", "shipping cost": another measure than the frame asks for
+    head = re.split(r" (?:in|of|for|at|on|from|with) ", x)[0].split()[-1]  # "closed tickets in X": tickets
+    plural = head.islower() and head.endswith("s") and not head.endswith("ss")
+    be, do = ("are", "do") if plural else ("is", "does")
+    return [f.format(x=x, be=be, do=do) for f in frames]
 
 
 def renamed(question: str, aliases: Sequence[tuple[str, str]]) -> str | None:

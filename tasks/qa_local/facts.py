@@ -1,7 +1,7 @@
 """Fact selection: which spans of a chunk become questions (:class:`Candidate`: a sentence, an answer
 span, its kind and the question openers that fit it) and how the candidates of a chunk are chosen.
 
-One file (~460 lines): the span patterns, the rule-only templates and the openers read one sentence
+One file (~510 lines): the span patterns, the rule-only templates and the openers read one sentence
 together (a template decides the score and the openers), so they stay beside each other.
 """
 
@@ -97,7 +97,9 @@ def _subject(words: list[str], *, anchored: bool = True) -> list[str] | None:
     return words
 
 
-def _template(words: list[str], kind: str, count_noun: str | None) -> tuple[str | None, str | None, bool]:
+def _template(
+    words: list[str], kind: str, count_noun: str | None, after: str = "."
+) -> tuple[str | None, str | None, bool]:
     """A rule-only question for '<the subject> is [now] [raised to] [the] <answer>', '<the subject> has
     <count>' and '<the thing>, called <name>'; returns (question, head noun phrase, subject is a role)."""
     i = len(words)
@@ -122,6 +124,8 @@ def _template(words: list[str], kind: str, count_noun: str | None) -> tuple[str 
         subj = _subject([*words[: i - 1], words[i - 1].rstrip(",")], anchored=False)
         verb = "is"
     elif kind == "name" and i < len(words) and low[i] == "the" and i and words[i - 1].endswith(","):
+        if after.strip()[:1] not in {",", ";", ".", ""}:
+            return None, None, False  # "the harbour, the Saltmarsh Pier and the lighthouse": a list
         return _appositive([*words[: i - 1], words[i - 1].rstrip(",")]), None, False
     elif i and low[i - 1] in {"is", "are", "was", "were"} and words[i - 1][-1].isalpha():
         subj, verb = _subject(words[: i - 1]), low[i - 1]
@@ -165,9 +169,10 @@ def _appositive(words: list[str]) -> str | None:
         # a heading glued to the sentence; the owner is the name the clause opens with.
         starts = [j for j, w in enumerate(words) if j == 0 or w == "The"]
         owner = next((o for j in reversed(starts) if (o := _leading_name(" ".join(words[j:])))), None)
-        if owner is None:
-            return None
-        return f"What is the name of {owner}'s {' '.join(subj[1:])}?"
+        if owner is None or (len(owner.split()) == 1 and not re.search(r"\d", owner)):
+            return None  # "Visitors to the ... praised its ...": a capitalised word, not a name
+        owner += "'" if owner.endswith("s") else "'s"
+        return f"What is the name of {owner} {' '.join(subj[1:])}?"
     if subj[0].lower() != "the":
         return None
     return f"What is the name of the {' '.join(subj[1:])}?"
@@ -177,11 +182,11 @@ def _appositive(words: list[str]) -> str | None:
 _CLAUSE_END = re.compile(
     r",|;|:|\(| and | but | which | while | where | who | with | from \d| since \d| until \d"
     rf"| (?:in|on|at|by) (?:\d|(?:{_MONTHS})\b)"
-    r"|(?<!\bDr)(?<!\bMr)(?<!Mrs)(?<!\bMs)(?<!Prof)(?<!\bSt)\.(?:\s|$)"
+    r"|(?<!\bDr)(?<!\bMr)(?<!Mrs)(?<!\bMs)(?<!Prof)(?<!\bSt)(?<!\bInc)(?<!\bLtd)(?<!\bCo)\.(?:\s|$)"
 )
 #: Verbs after which the subject is what a reversed question asks for ("<X> was founded by <Y>").
 _RELATION_VERBS = re.compile(
-    r"(?:is|was|are|were) (?:\w+ly )?(?:founded|started|built|made|designed|developed|designed|run|led|"
+    r"(?:is|was|are|were) (?:\w+ly )?(?:founded|started|built|made|designed|developed|run|led|"
     r"owned|operated|managed|headquartered|based|located|opened|acquired|launched|produced|chaired|"
     r"sponsored|funded|named|twinned|the \w+(?: \w+)? of)\b"
     r"|(?:is|was) an? (?:[\w-]+ ){1,3}(?:made|built|designed|developed|operated|run|owned) by\b"
@@ -208,7 +213,10 @@ def _reversed(rest: str, answer: str) -> str | None:
         return None
     if not 2 <= len(clause.split()) <= 14:
         return None
-    return f"What {clause.rstrip('.')}?"
+    clause = re.sub(r"^are\b", "is", re.sub(r"^were\b", "was", clause))  # the answer is one thing
+    role = re.match(r"(?:is|was) the (\w+) of\b", clause)
+    wh = "Who" if role and role.group(1).lower() in _ROLES else "What"  # "Who is the founder of ...?"
+    return f"{wh} {clause.rstrip('.')}?"
 
 
 def _passive_who(words: list[str], low: list[str]) -> str | None:
@@ -434,7 +442,7 @@ def answer_candidates(sentence: str) -> list[Candidate]:
             taken.append((start, end))
             family = kind.split(":")[0]
             count_noun = answer.split()[-1] if family == "count" else None
-            template, head, role = _template(before, kind, count_noun)
+            template, head, role = _template(before, kind, count_noun, sentence[end:])
             if kind == "number" and not template:
                 continue
             if not template and kind in {"name", "org"} and [w.lower() for w in before] in ([], ["the"]):
@@ -442,7 +450,9 @@ def answer_candidates(sentence: str) -> list[Candidate]:
                     sentence[end:], answer
                 )  # the subject asked for: "What was founded by ...?"
                 if template and answer.split()[-1].lower() in _ORG_WORDS:
-                    kind = "org"
+                    kind, family = "org", "org"
+                elif template and template.startswith("Who"):
+                    kind, family = "person", "person"
             if kind == "name" and role and template and template.startswith("Who"):
                 kind, family = "person", "person"
             np_ = _noun_phrase_before_of(before)

@@ -10,7 +10,7 @@ question is then checked strictly and dropped when it fails.
 Each fact (sentence, answer span) is asked `variants` times in different wording, with the same
 answer: a rule-only template where the sentence allows one ("<the subject> is <answer>" -> "What is
 <the subject>?", "<X>, chaired by <person>" -> "Who chaired <X>?"), and model completions of different
-openers ("What is the maximum payload ..." / "How much ..."), the first valid one also rebuilt
+openers ("What is the maximum payload ..." / "How much ..."), each valid one also rebuilt
 around the verb its measure implies ("How much weight can the Q7 carry?", `checks.framed`); only
 when those do not give enough distinct valid questions, a valid one is reopened by rule ("Who ..." / "Which person ...", "When ..." /
 "On what date ...") or its subject named the other way ("the Quillfeather Q7" / "the Q7"). The training
@@ -434,7 +434,7 @@ class LocalQAGenerator:
         `pairs_per_chunk` facts. A question already kept (normalised) is not kept again, for any answer."""
         askers: dict[str, set[str]] = {}
         for cand, qs in asked:
-            for q in qs:
+            for q in [*qs, *(f for src in qs for f in framed(src))]:  # a rebuilt wording can collide too
                 askers.setdefault(normalize_question(q), set()).add(normalize_answer(cand.answer))
         # A question written for two answers is ambiguous: it is kept for neither.
         seen = {q for q, answers in askers.items() if len(answers) > 1}
@@ -455,8 +455,8 @@ class LocalQAGenerator:
                     return True
                 return False
 
-            # The first valid question's structural rewrites come right after it: a fact's wordings
-            # differ in structure first, then in single words.
+            # The first valid question's structural rewrites come right after it, the others' after
+            # all of them: a fact's wordings differ in structure first, then in single words.
             for q in qs:
                 if take(q) and len(valid) == 1:
                     for alt in framed(q):

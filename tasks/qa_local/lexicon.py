@@ -106,8 +106,8 @@ _ORG_WORDS = {
     "labs", "works", "inc", "ltd", "llc", "gmbh", "plc", "bank", "group", "company", "corporation", "corp",
     "logistics", "authority", "institute", "university", "systems", "technologies", "industries",
     "association", "council", "agency", "ministry", "department", "foundation", "society", "studio", "studios",
-    "robotics", "line", "lines", "shipyard", "clinic", "club", "vault", "airways", "airlines", "railway",
-    "trust", "partners", "holdings", "press", "cooperative", "co",
+    "robotics", "shipyard", "clinic", "club", "airways", "airlines", "railway", "trust", "partners",
+    "holdings", "press", "cooperative",
 }  # fmt: skip
 # A capitalised word after one of these nouns is a label: "code name Kestrel", "priority P1".
 _LABEL_NOUNS = {"name", "codename", "priority", "model", "type", "class", "grade", "level", "version", "tier"}
@@ -190,21 +190,20 @@ _SYNONYMS: tuple[tuple[str, str], ...] = (
 )
 # Questions built around the verb a measure implies, for "What is the <...> <noun> of|for <X>?": the
 # same fact asked with other words and another structure ("What is the maximum payload of X?" ->
-# "How much weight can X carry?"). Keyed by the noun phrase's last two words or its last word; `{x}` is what follows
-# "of"/"for" as the question wrote it, `{be}` "is" or "are" to agree with it. General English only.
+# "How much weight can X carry?"). Keyed by the noun phrase's last two words or its last word, and
+# only when every word before that key is one of `_FRAME_MODIFIERS` ("battery weight", "shipping
+# cost", "cruising speed" measure something else); `{x}` is what follows "of"/"for" as the question
+# wrote it, `{be}` / `{do}` agree with it. General English only.
 _FRAMES: dict[str, tuple[str, ...]] = {
     "payload": ("How much weight can {x} carry?", "How much can {x} carry?"),
-    "weight": ("How heavy {be} {x}?", "How much does {x} weigh?"),
-    "mass": ("How heavy {be} {x}?", "How much does {x} weigh?"),
-    "price": ("How much does {x} cost?", "What does {x} cost?"),
-    "cost": ("How much does {x} cost?", "What does {x} cost?"),
+    "weight": ("How heavy {be} {x}?", "How much {do} {x} weigh?"),
+    "mass": ("How heavy {be} {x}?", "How much {do} {x} weigh?"),
+    "price": ("How much {do} {x} cost?", "What {do} {x} cost?"),
     "speed": ("How fast can {x} go?", "How fast {be} {x}?"),
-    "range": ("How far can {x} go?", "How far can {x} travel?"),
     "ceiling": ("How high can {x} fly?", "How high can {x} go?"),
     "altitude": ("How high can {x} fly?", "How high can {x} go?"),
     "retention period": ("How long {be} {x} kept?", "For how long {be} {x} kept?"),
     "storage period": ("How long {be} {x} kept?", "For how long {be} {x} stored?"),
-    "capacity": ("How much can {x} hold?", "How much {be} {x} able to hold?"),
     "length": ("How long {be} {x}?",),
     "height": ("How tall {be} {x}?", "How high {be} {x}?"),
     "width": ("How wide {be} {x}?",),
@@ -214,3 +213,7 @@ _FRAMES: dict[str, tuple[str, ...]] = {
     "endurance": ("How long can {x} keep going?", "For how long can {x} operate?"),
     "name": ("What {be} {x} called?", "What {be} {x} named?"),
 }
+#: Words that may stand before a frame's key noun without changing what is measured.
+_FRAME_MODIFIERS = frozenset(
+    "maximum max top highest total default full standard usual typical flight service overall".split()
+)

@@ -69,8 +69,9 @@ def hold_out_wordings(
 
 
 def load_holdout_questions(path) -> list[str]:
-    """The questions of a ``MORAL_HOLDOUT_QUESTIONS`` file (JSONL with a ``question`` field, or plain
-    lines); a missing or unreadable file is an error, not an empty list (nothing would be kept out)."""
+    """The questions of a ``MORAL_HOLDOUT_QUESTIONS`` file (JSONL with a ``question`` field, or one
+    question per line; blank lines and ``#`` comments skipped); a missing or unreadable file is an
+    error, not an empty list (nothing would be kept out)."""
     import json
     from pathlib import Path
 
@@ -89,22 +90,28 @@ def load_holdout_questions(path) -> list[str]:
 
 
 def exclude_near_holdout(reg: Registry, store, path, pairs: Sequence, run_id: str) -> set[str]:
-    """Exclude the ``pairs`` whose question is not far from a hand-written held-out question
-    (``tasks.splits.far_apart``: the paraphrase suite's thresholds), so those questions stay a test of
-    wordings never trained. Returns the excluded pairs' ids."""
+    """Exclude the ``pairs`` whose question is not far from a hand-written held-out question (the
+    paraphrase suite's thresholds, as ``tasks.splits.far_apart``; answers are not compared), so those
+    questions stay a test of wordings never trained. Pairs indexed before are not revisited. Returns
+    the excluded pairs' ids."""
     if path is None or not pairs:
         return set()
-    from tasks.splits import far_apart, normalised_rows
+    from tasks.splits import MAX_COSINE, MAX_JACCARD, normalised_rows
+    from tasks.text import content_words
 
     held = load_holdout_questions(path)
     if not held:
         return set()
     emb = normalised_rows(store.embedder.encode([p.question for p in pairs] + held))
-    held_emb = emb[len(pairs) :]
+    cos = emb[: len(pairs)] @ emb[len(pairs) :].T  # (pairs, held): one product, not one per pair
+    held_words = [content_words(q) for q in held]
     near: dict[str, str] = {}
     for i, p in enumerate(pairs):
+        words = content_words(p.question)
         for j, q in enumerate(held):
-            if not far_apart(p.question, [q], emb[i], held_emb[[j]]):
+            union = words | held_words[j]
+            jac = len(words & held_words[j]) / len(union) if union else 1.0
+            if cos[i, j] > MAX_COSINE or jac > MAX_JACCARD:  # not far_apart
                 near[p.qa_id] = q
                 break
     if near:
@@ -180,7 +187,10 @@ def index_stage(settings: Settings, run_id: str, progress: Progress | None = Non
         keep -= near
         rows = [i for i, p in enumerate(new_pairs) if p.qa_id in keep]
         kept_pairs = [new_pairs[i] for i in rows]
-        kept, out.qa_held_out, out.qa_dev, close = hold_out_wordings(reg, store, kept_pairs, pairs, run_id)
+        # Only pairs already indexed count as trained wordings: this run's duplicates and exclusions
+        # are still "train" in the snapshot but will never be trained.
+        indexed = [p for p in pairs if p.qa_id in present_pairs]
+        kept, out.qa_held_out, out.qa_dev, close = hold_out_wordings(reg, store, kept_pairs, indexed, run_id)
         failpoint("index.registry")
         out.qa_duplicates += close
         moved = {p.qa_id: p for p in reg.qa_pairs(ids=[kept_pairs[i].qa_id for i in kept])}

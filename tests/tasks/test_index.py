@@ -186,7 +186,24 @@ def test_pairs_close_to_a_held_out_question_are_excluded_before_indexing(setting
     assert [p.qa_id for p in reg.qa_pairs(status="excluded")] == [close.qa_id]
     store = VectorStore(s, embedder)
     assert close.qa_id not in set(store.ids(QA_PAIRS, ids=[close.qa_id, far.qa_id, other.qa_id]))
-    assert reg.qa_pairs(ids=[far.qa_id])  # far from the held-out question: still trained
+    # far from the held-out question: indexed (trained, or held out as a paraphrase), not excluded
+    assert far.qa_id in set(store.ids(QA_PAIRS, ids=[far.qa_id]))
+    (event,) = reg.events(kind="qa.excluded")  # audited, with the reason and the actor
+    assert event.actor == "index" and event.detail["reason"].startswith("close to a held-out question of")
+    assert event.detail["ids"] == [close.qa_id]
     held.write_text("not json but a question?\n{broken\n")
     with pytest.raises(ValueError, match="held.jsonl:2"):
         load_holdout_questions(held)
+
+
+def test_a_missing_holdout_questions_file_is_refused_at_start(tmp_path):
+    """Checked when the settings are read, before any LLM call: nothing would be kept out otherwise."""
+    from pydantic import ValidationError
+
+    from storage.settings import Settings
+
+    with pytest.raises(ValidationError, match="no such file"):
+        Settings(home=tmp_path / "home", holdout_questions=tmp_path / "missing.jsonl")
+    (tmp_path / "q.txt").write_text("How much weight can the Q7 carry?\n")
+    s = Settings(home=tmp_path / "home", holdout_questions=tmp_path / "q.txt")
+    assert s.holdout_questions == (tmp_path / "q.txt").resolve()

@@ -61,7 +61,7 @@ def test_far_apart_needs_both_measures(embedder):
     )
 
 
-def test_choose_paraphrases_holds_out_one_far_wording_and_keeps_one_trained(embedder):
+def test_choose_paraphrases_holds_out_one_far_wording_and_keeps_two_trained(embedder):
     qs = [FAR, *CLOSE, "When did the Quillfeather Q7 launch?"]
     emb = normalised_rows(embedder.encode(qs))
     chosen = choose_paraphrases({"payload": [0, 1, 2], "launch": [3]}, qs, emb)
