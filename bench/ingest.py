@@ -243,9 +243,11 @@ def bench_dedup(workdir: Path, n: int, threshold: float = 0.95) -> dict:
                         new[j].doc_id, "bench", "bench")  # fmt: skip
         new_emb[j] = unit(old_emb[j : j + 1] + 0.05 * rng.standard_normal((1, dim)) / np.sqrt(dim))[0]
     for j in range(planted, 2 * planted):
-        src = j + planted  # a later new pair from another chunk with the same answer
+        # a later new pair from another document with the same answer (within one document the same
+        # answer is the same fact, and two wordings of one fact are variants, not duplicates)
+        src = j + planted
         new[src] = new_pair(f"Which value is stored in new record {j}?", new[j].answer, f"other-chunk-{j}",
-                          new[src].doc_id, "bench", "bench")  # fmt: skip
+                          f"other-doc-{j}", "bench", "bench")  # fmt: skip
         new_emb[src] = unit(new_emb[j : j + 1] + 0.05 * rng.standard_normal((1, dim)) / np.sqrt(dim))[0]
 
     settings = make_settings(workdir / "dedup-home")

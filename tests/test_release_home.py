@@ -42,10 +42,11 @@ def release_settings(release_home, settings, monkeypatch):
 
 
 def release_training(settings):
-    """The release's training settings: the example kinds added since are off, as they were then."""
+    """The release's training settings: the example kinds added since are off, as they were then, and
+    the learning rate is the release's (the default has been 2e-3 since)."""
     from tasks.train import ADDED_LATER
 
-    return settings.model_copy(update=ADDED_LATER)
+    return settings.model_copy(update={**ADDED_LATER, "learning_rate": 1e-3})
 
 
 def test_the_registry_and_chroma_of_a_release_home_open(release_settings):
