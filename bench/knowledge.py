@@ -36,7 +36,7 @@ metric (``tasks.metrics.strict_recall``).  One JSON object is printed on stdout:
     .venv/bin/python bench/knowledge.py --seeds 3               # repeat training with seeds 0, 1, 2
     .venv/bin/python bench/knowledge.py --arms moral --parts 1  # part 1 only: a fast loop, read on tune
 
-One file (~550 lines) because it is one script read top to bottom: the pipeline arms, the asking
+One file (~640 lines) because it is one script read top to bottom: the pipeline arms, the asking
 through `moral serve`, the scoring and the JSON report share its constants and helpers.
 """
 

@@ -4,6 +4,9 @@ The model is duck-typed: anything whose forward takes (input_ids, attention_mask
 When it also offers `aux_loss()` (the mixture's balance loss of the last forward) that is added to the LM
 loss; when its forward names a `sample_group` parameter it receives each example's group (LoRAMoE's
 localized balancing); `expert_stats()` / `reset_stats()` are used when present.
+
+One file (~460 lines): the config, the batching and the loop share the step arithmetic (micro-batches,
+schedule, checkpoints), so they are read together.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ rollback is served from the next request on, with no restart.  With ``MORAL_SERV
 ``/v1`` request needs ``Authorization: Bearer <key>``; ``/health`` stays open for container health checks.
 Errors use OpenAI's JSON shape, ``{"error": {"message", "type", "param", "code"}}``.
 
-One file (~490 lines) because it is one concept, the HTTP surface of the OpenAI wire format: request
+One file (~540 lines) because it is one concept, the HTTP surface of the OpenAI wire format: request
 models, error shapes, streaming and routes are read together; what answers (versions, loading,
 retrieval) is in :mod:`server.model`.
 """

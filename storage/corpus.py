@@ -4,7 +4,7 @@ files, chunks, QA pairs and failed generations.
 Inserts are idempotent (deterministic ids, ``INSERT OR IGNORE``) so re-running a stage is a no-op,
 and retiring a document retires its chunks and pairs in the same transaction.
 
-One file (~650 lines) because it is one concept, the corpus tables and their transactions: a
+One file (~750 lines) because it is one concept, the corpus tables and their transactions: a
 document's upsert, retirement and purge touch its chunks, pairs and failures in the same
 transaction, and splitting those methods apart would split each transaction's rules across files.
 """

@@ -13,6 +13,9 @@ Selection, in order:
 
 The scores and the choice, with a sentence explaining it, are written to
 ``$MORAL_HOME/bank/vN-selection.json`` and to the registry as a ``bank.selected`` event.
+
+One file (~460 lines): scoring, choosing and initialising from the bank are one decision, recorded
+with its reasons in one place.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ model (`tasks.qa_local`); both implement the small `QAGenerator` protocol below.
 
 Every pair a backend returns is checked by `validate_pair` against its chunk (grounded answer, a real
 question) before it is kept; rejected pairs are reported with their reason.
+
+One file (~470 lines): the backend interface, the pair checks and the cache key are one contract every
+backend is held to.
 """
 
 from __future__ import annotations
