@@ -95,6 +95,33 @@ def far_apart(
     return not len(others) or float(np.max(other_emb @ emb)) <= MAX_COSINE
 
 
+def first_close(
+    questions: Sequence[str], emb: np.ndarray, others: Sequence[str], other_emb: np.ndarray
+) -> list[int | None]:
+    """For each of ``questions``, the index of the first of ``others`` it is not :func:`far_apart`
+    from (None when far from all): one matrix product and each text's content words once, for many
+    questions against many others (normalised rows)."""
+    if not len(others):
+        return [None] * len(questions)
+    cos = emb @ other_emb.T
+    other_words = [content_words(o) for o in others]
+    out: list[int | None] = []
+    for i, q in enumerate(questions):
+        words = content_words(q)
+        out.append(
+            next(
+                (
+                    j
+                    for j, w in enumerate(other_words)
+                    if cos[i, j] > MAX_COSINE
+                    or (len(words & w) / len(words | w) if words | w else 1.0) > MAX_JACCARD
+                ),
+                None,
+            )
+        )
+    return out
+
+
 def choose_paraphrases(
     facts: dict[str, list[int]],
     questions: Sequence[str],

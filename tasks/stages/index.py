@@ -96,24 +96,14 @@ def exclude_near_holdout(reg: Registry, store, path, pairs: Sequence, run_id: st
     the excluded pairs' ids."""
     if path is None or not pairs:
         return set()
-    from tasks.splits import MAX_COSINE, MAX_JACCARD, normalised_rows
-    from tasks.text import content_words
+    from tasks.splits import first_close, normalised_rows
 
     held = load_holdout_questions(path)
     if not held:
         return set()
     emb = normalised_rows(store.embedder.encode([p.question for p in pairs] + held))
-    cos = emb[: len(pairs)] @ emb[len(pairs) :].T  # (pairs, held): one product, not one per pair
-    held_words = [content_words(q) for q in held]
-    near: dict[str, str] = {}
-    for i, p in enumerate(pairs):
-        words = content_words(p.question)
-        for j, q in enumerate(held):
-            union = words | held_words[j]
-            jac = len(words & held_words[j]) / len(union) if union else 1.0
-            if cos[i, j] > MAX_COSINE or jac > MAX_JACCARD:  # not far_apart
-                near[p.qa_id] = q
-                break
+    hits = first_close([p.question for p in pairs], emb[: len(pairs)], held, emb[len(pairs) :])
+    near = {p.qa_id: held[j] for p, j in zip(pairs, hits, strict=True) if j is not None}
     if near:
         reg.exclude_pairs(
             sorted(near),

@@ -19,6 +19,7 @@ from tasks.splits import (
     close_wordings,
     fact_split,
     far_apart,
+    first_close,
     jaccard,
     normalised_rows,
 )
@@ -212,3 +213,14 @@ def test_a_close_question_under_another_fact_or_an_edited_document_is_never_scor
                             trained_pairs={helper.qa_id: "delta"})  # fmt: skip
     got = {k: [p.question for p in v] for k, v in held_out_suites(settings, reg, v2).items()}
     assert got == {"paraphrase": [], "unseen": [far.question]}
+
+
+def test_first_close_agrees_with_far_apart(embedder):
+    qs = [FAR, *CLOSE, "When did the Quillfeather Q7 launch?"]
+    emb = normalised_rows(embedder.encode(qs))
+    hits = first_close(qs, emb, list(CLOSE), emb[1:3])
+    for i, q in enumerate(qs):
+        close = [j for j in range(2) if not far_apart(q, [CLOSE[j]], emb[i], emb[1 + j : 2 + j])]
+        assert hits[i] == (close[0] if close else None)
+    assert hits[0] is None and hits[1] == 0  # the far one, and a question close to itself
+    assert first_close(qs, emb, [], emb[:0]) == [None] * len(qs)
