@@ -1,7 +1,7 @@
 """Fact selection: which spans of a chunk become questions (:class:`Candidate`: a sentence, an answer
 span, its kind and the question openers that fit it) and how the candidates of a chunk are chosen.
 
-One file (~510 lines): the span patterns, the rule-only templates and the openers read one sentence
+One file (~560 lines): the span patterns, the rule-only templates and the openers read one sentence
 together (a template decides the score and the openers), so they stay beside each other.
 """
 
@@ -42,6 +42,7 @@ class Candidate:
     score: float
     alt_openers: tuple[str, ...] = ()  # other first words for the other variants, best first
     template: str | None = None  # a whole question from rules alone, when the sentence allows one
+    more_templates: tuple[str, ...] = ()  # other rule-made wordings of the same fact
     context: str | None = None  # the sentence as shown to the model: 'It' replaced by its subject
 
     @property
@@ -176,6 +177,37 @@ def _appositive(words: list[str]) -> str | None:
     if subj[0].lower() != "the":
         return None
     return f"What is the name of the {' '.join(subj[1:])}?"
+
+
+#: "<Owner> opened its new ferry terminal, the <name>, on 8 August 2026": what the owner did to it.
+_EVENT_VERB = re.compile(r"[a-z]{3,}ed")
+_EVENT_AFTER = re.compile(r",?\s*((?:on|in) [\w ]+?)\s*[.,;]")
+
+
+def _appositive_event(words: list[str], after: str) -> list[str]:
+    """'<Owner> opened its new ferry terminal, the <name>, on 8 August 2026' -> 'What was opened by
+    <owner> on 8 August 2026?' and 'Which terminal was opened by <owner> on ...?': the named thing
+    asked from what happened to it, in words other than its description ([] when the clause is not
+    '<Owner> <verb>ed its <noun phrase>')."""
+    low = [_bare(w) for w in words]
+    if "its" not in low:
+        return []
+    k = len(low) - 1 - low[::-1].index("its")
+    if (
+        k < 2
+        or not _EVENT_VERB.fullmatch(words[k - 1])
+        or not all(w.isalpha() and w.islower() for w in words[k + 1 :])
+    ):
+        return []
+    starts = [j for j, w in enumerate(words[: k - 1]) if j == 0 or w == "The"]
+    owner = next((o for j in reversed(starts) if (o := _leading_name(" ".join(words[j:k])))), None)
+    if owner is None or len(owner.split()) < 2 or len(words[k + 1 :]) < 1:
+        return []
+    m = _EVENT_AFTER.match(after)
+    when = f" {m.group(1)}" if m and re.search(r"\d", m.group(1)) else ""
+    head = words[-1]
+    verb = words[k - 1]
+    return [f"What was {verb} by {owner}{when}?", f"Which {head} was {verb} by {owner}{when}?"]
 
 
 #: Where the clause a reversed question keeps ends: another clause, a list, a time or a number.
@@ -473,7 +505,15 @@ def answer_candidates(sentence: str) -> list[Candidate]:
                 score += 2  # what a thing is called, who made it: among the first questions a reader asks
             if openers[0] == "What" and not template:
                 score -= 1  # a bare name: the model mostly asks "What is <the answer>?"
-            found.append(Candidate(sentence, answer, kind, openers[0], score, tuple(openers[1:]), template))
+            more: list[str] = []
+            if kind == "name" and template and template.startswith("What is the name of"):
+                head = before[:-1] if before and before[-1].lower() == "the" else before
+                more = _appositive_event([*head[:-1], head[-1].rstrip(",")] if head else [], sentence[end:])
+            found.append(
+                Candidate(
+                    sentence, answer, kind, openers[0], score, tuple(openers[1:]), template, tuple(more)
+                )
+            )
     return sorted(found, key=lambda c: -c.score)
 
 

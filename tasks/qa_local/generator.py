@@ -18,7 +18,7 @@ data then holds several wordings of a fact and the question-hash split puts some
 the held-out eval: an eval question asks about a fact the adapter was trained on, in words it was not
 trained on. `pairs_per_chunk` caps the facts per chunk; the pairs are up to pairs_per_chunk * variants.
 
-One file (~480 lines): the generator class and its prompts are one concept; the rules it applies
+One file (~490 lines): the generator class and its prompts are one concept; the rules it applies
 are in the package's other modules.
 """
 
@@ -49,7 +49,10 @@ from tasks.text import normalize_answer, normalize_question
 #     appositive name ("opened its new ferry terminal, the Saltmarsh Pier,") and a named subject of a
 #     relation ("Quenby Robotics was founded by Tamsin Vey": "What was founded by Tamsin Vey?") get
 #     rule-only questions; two wordings of one fact are never semantic duplicates.
-LOCAL_PROMPT_VERSION = "local-qg-v6"
+# v7: only a question that passes the checks for its own answer makes another fact's wording
+#     ambiguous (a completion asking for the wrong measure no longer takes the right one's frames);
+#     an appositive name is also asked from what happened to it ("What was opened by <owner> on <date>?").
+LOCAL_PROMPT_VERSION = "local-qg-v7"
 
 
 def local_prompt_version(pairs_per_chunk: int, variants: int) -> str:
@@ -380,11 +383,11 @@ class LocalQAGenerator:
         for i, text in enumerate(texts):
             plan = []
             for j, cand in enumerate(select_candidates(text, self.candidates_per_chunk)):
-                fixed = (
-                    [cand.template]
-                    if cand.template and check_question(cand.template, cand, text) is None
-                    else []
-                )
+                fixed = [
+                    q
+                    for q in (cand.template, *cand.more_templates)
+                    if q and check_question(q, cand, text) is None
+                ]
                 fixed_norm = {normalize_question(q) for q in fixed}
                 openers = [  # an opener the template starts with would only repeat the template
                     o
@@ -434,7 +437,14 @@ class LocalQAGenerator:
         `pairs_per_chunk` facts. A question already kept (normalised) is not kept again, for any answer."""
         askers: dict[str, set[str]] = {}
         for cand, qs in asked:
-            for q in [*qs, *(f for src in qs for f in framed(src))]:  # a rebuilt wording can collide too
+            # Only a question that passes the checks for its answer can make another ambiguous: a
+            # completion that asked for the wrong measure is dropped anyway ("What is the maximum
+            # speed of the Q7?" written for its ceiling), and must not take the speed's own wordings.
+            valid = [q for q in qs if check_question(q, cand, text) is None]
+            derived = [
+                f for src in valid for f in framed(src) if check_question(f, cand, text, derived=True) is None
+            ]
+            for q in [*valid, *derived]:  # a rebuilt wording can collide too
                 askers.setdefault(normalize_question(q), set()).add(normalize_answer(cand.answer))
         # A question written for two answers is ambiguous: it is kept for neither.
         seen = {q for q, answers in askers.items() if len(answers) > 1}

@@ -457,6 +457,12 @@ def test_an_appositive_name_gets_a_rule_only_question():
     cand = next(c for c in answer_candidates(sentence) if c.answer == "Saltmarsh Pier")
     # the glued heading is skipped; "its" is the sentence's named subject
     assert cand.template == "What is the name of the Tidewell Harbour Authority's new ferry terminal?"
+    # and from what happened to it: words far from its description, the same answer
+    assert cand.more_templates == (
+        "What was opened by the Tidewell Harbour Authority on 8 August 2026?",
+        "Which terminal was opened by the Tidewell Harbour Authority on 8 August 2026?",
+    )
+    assert all(check_question(q, cand, sentence) is None for q in cand.more_templates)
     cand = next(
         c
         for c in answer_candidates("Visitors love the annual summer fair, the Brinemarket, in June.")
@@ -489,3 +495,24 @@ def test_a_named_subject_is_asked_for_from_its_relation():
     ) == ("What is a survey drone made by Brisken Aerial Works in Tromso?")
     assert template("Quenby Robotics employs 240 engineers in Brindlecombe.", "Quenby Robotics") is None
     assert template("Quenby Robotics was founded in a garage.", "Quenby Robotics") is None  # no other name
+
+
+def test_a_wrong_measure_completion_does_not_make_the_right_wording_ambiguous(tiny_generator):
+    """The model wrote "What is the maximum speed ..." for the ceiling too: that question fails the
+    checks for 4,500 metres, so the speed keeps its own rebuilt wordings ("How fast can ... go?")."""
+    text = "The maximum flight speed of the Quillfeather Q7 is 68 km/h and its maximum service ceiling is 4,500 metres."
+    cands = {c.answer: c for c in answer_candidates(text)}
+    speed, ceiling = cands["68 km/h"], cands["4,500 metres"]
+    wrong = "What is the maximum speed of the Quillfeather Q7?"
+    assert check_question(wrong, ceiling, text) is not None
+    asked = [
+        (speed, ["What is the maximum flight speed of the Quillfeather Q7?"]),
+        (ceiling, [wrong, "What is the maximum service ceiling of the Quillfeather Q7?"]),
+    ]
+    pairs = tiny_generator._pick(text, asked)
+    by_answer: dict[str, list[str]] = {}
+    for p in pairs:
+        by_answer.setdefault(p["answer"], []).append(p["question"])
+    assert "How fast can the Quillfeather Q7 go?" in by_answer["68 km/h"]
+    assert wrong not in by_answer["4,500 metres"]
+    assert "How high can the Quillfeather Q7 fly?" in by_answer["4,500 metres"]

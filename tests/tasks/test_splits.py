@@ -137,9 +137,16 @@ def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(settings, em
         "What's the maximum payload of the Quillfeather Q7 drone?", "2.4 kg", "eval"
     )  # an old home's split
     unseen = new("For how long can the Quillfeather Q7 stay in the air?", "47 minutes", "eval")
+    more_unseen = [  # more wordings of the same untrained fact: at most UNSEEN_PER_FACT are scored
+        new(q, "47 minutes", "eval")
+        for q in (
+            "What is the flight time of the Quillfeather Q7 drone?",
+            "How many minutes does the Q7 fly?",
+        )
+    ]
     leak = new("Who builds the Quillfeather Q7 drone?", "Brisken", "eval")  # its fact is trained below
     leak_train = new("Which company makes the Quillfeather Q7?", "Brisken", "train")
-    reg.add_qa_pairs([*train, near_eval, unseen, leak, leak_train], run_id="run-1")
+    reg.add_qa_pairs([*train, near_eval, unseen, *more_unseen, leak, leak_train], run_id="run-1")
     summary = index_stage(s, "run-1")
     assert summary.qa_held_out == 1
     by_q = {p.question: p for p in reg.qa_pairs()}
@@ -153,7 +160,10 @@ def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(settings, em
     # The close eval wording of a trained fact is never scored; a far one of a trained fact is a
     # paraphrase, never "unseen".
     assert suites["paraphrase"] == {FAR, leak.question}
-    assert suites["unseen"] == {unseen.question}
+    from tasks.stages.evaluate import UNSEEN_PER_FACT
+
+    wordings = {unseen.question, *(p.question for p in more_unseen)}
+    assert len(suites["unseen"]) == UNSEEN_PER_FACT == 2 and suites["unseen"] <= wordings
     # Chroma agrees with the registry on the held-out split and carries the fact ids.
     from storage.vectors import QA_PAIRS, VectorStore
 
