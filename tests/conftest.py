@@ -68,8 +68,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # Flow, CLI and server tests: the Prefect test harness, the loopback LLM endpoint, a source folder.
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "docs"
-#: The tests' corpus: four of the demo's documents, one per format (the demo has more, so that its
-#: gate has enough held-out questions to decide; the tests count chunks and pairs of these four).
+#: The tests' corpus: the demo's four documents, one per format, named so that documents added to
+#: the demo folder (e.g. from examples/docs-more) leave the tests' counts of chunks and pairs alone.
 EXAMPLE_FILES = (
     "harrowgate-remote-work-policy-2026.md",
     "lumenvale-release-notes.txt",

@@ -180,8 +180,11 @@ def _appositive(words: list[str]) -> str | None:
 
 
 #: "<Owner> opened its new ferry terminal, the <name>, on 8 August 2026": what the owner did to it.
-_EVENT_VERB = re.compile(r"[a-z]{3,}ed")
-_EVENT_AFTER = re.compile(r",?\s*((?:on|in) [\w ]+?)\s*[.,;]")
+_EVENT_VERB = re.compile(r"[a-z]{3,}(?<!e)(?<!ow)ed")  # "opened", not "proceed" or "showed"
+#: The date the clause ends with, and nothing after it ("on 8 August 2026.", "in March 2026,").
+_EVENT_WHEN = re.compile(
+    rf",?\s*((?:on \d{{1,2}} (?:{_MONTHS}) \d{{4}})|(?:in (?:(?:{_MONTHS}) )?\d{{4}}))\s*(?:[.,;]|$)"
+)
 
 
 def _appositive_event(words: list[str], after: str) -> list[str]:
@@ -193,18 +196,29 @@ def _appositive_event(words: list[str], after: str) -> list[str]:
     if "its" not in low:
         return []
     k = len(low) - 1 - low[::-1].index("its")
+    described = words[k + 1 :]  # "new ferry terminal": the noun phrase alone ("its doors to the ..." is not)
     if (
         k < 2
         or not _EVENT_VERB.fullmatch(words[k - 1])
-        or not all(w.isalpha() and w.islower() for w in words[k + 1 :])
+        or not described
+        or not all(w.isalpha() and w.islower() and w not in STOPWORDS for w in described)
     ):
         return []
+    # The owner is the name right before the verb ("The Authority said the council renamed its ..."
+    # names no owner of the renaming).
     starts = [j for j, w in enumerate(words[: k - 1]) if j == 0 or w == "The"]
-    owner = next((o for j in reversed(starts) if (o := _leading_name(" ".join(words[j:k])))), None)
-    if owner is None or len(owner.split()) < 2 or len(words[k + 1 :]) < 1:
+    owner = next(
+        (
+            o
+            for j in reversed(starts)
+            if (o := _leading_name(" ".join(words[j:k]))) and len(o.split()) == k - 1 - j
+        ),
+        None,
+    )
+    if owner is None or len(owner.split()) < 2:
         return []
-    m = _EVENT_AFTER.match(after)
-    when = f" {m.group(1)}" if m and re.search(r"\d", m.group(1)) else ""
+    m = _EVENT_WHEN.match(after)
+    when = f" {m.group(1)}" if m else ""
     head = words[-1]
     verb = words[k - 1]
     return [f"What was {verb} by {owner}{when}?", f"Which {head} was {verb} by {owner}{when}?"]

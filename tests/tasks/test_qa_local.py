@@ -463,6 +463,19 @@ def test_an_appositive_name_gets_a_rule_only_question():
         "Which terminal was opened by the Tidewell Harbour Authority on 8 August 2026?",
     )
     assert all(check_question(q, cand, sentence) is None for q in cand.more_templates)
+    for other, more in (
+        # only the date the clause ends with is kept
+        ("The Tidewell Harbour Authority opened its new ferry terminal, the Saltmarsh Pier, on 8 August "
+         "2026 after two years of work.", ("What was opened by the Tidewell Harbour Authority?",
+                                           "Which terminal was opened by the Tidewell Harbour Authority?")),
+        # not the noun phrase the name stands for: nothing asked from the event
+        ("The Tidewell Harbour Authority opened its doors to the new ferry terminal, the Saltmarsh Pier.", ()),
+        # the owner is not the name right before the verb
+        ("The Tidewell Harbour Authority said the town council renamed its ferry terminal, the Saltmarsh "
+         "Pier, in 2026.", ()),
+    ):  # fmt: skip
+        cand = next(c for c in answer_candidates(other) if c.answer == "Saltmarsh Pier")
+        assert cand.more_templates == more, other
     cand = next(
         c
         for c in answer_candidates("Visitors love the annual summer fair, the Brinemarket, in June.")

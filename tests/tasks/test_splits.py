@@ -116,7 +116,9 @@ def test_choose_dev_holds_out_one_wording_of_a_share_of_facts_that_keep_one(embe
     assert choose_dev({"p": [0, 1, 2]}, three, e3, frac=1.0) == [2]
 
 
-def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(settings, embedder, tmp_path: Path):
+def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(
+    settings, embedder, tmp_path: Path, monkeypatch
+):
     from tasks.stages.evaluate import held_out_suites
     from tasks.stages.index import index_stage
     from tasks.stages.ingest import ingest_stage
@@ -164,6 +166,12 @@ def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(settings, em
 
     wordings = {unseen.question, *(p.question for p in more_unseen)}
     assert len(suites["unseen"]) == UNSEEN_PER_FACT == 2 and suites["unseen"] <= wordings
+    # the two kept are the first by id (deterministic); with the cap raised all three are scored
+    assert suites["unseen"] == {p.question for p in sorted([unseen, *more_unseen], key=lambda p: p.qa_id)[:2]}
+    import tasks.stages.evaluate as stage
+
+    monkeypatch.setattr(stage, "UNSEEN_PER_FACT", 3)
+    assert {p.question for p in held_out_suites(s, reg, version)["unseen"]} == wordings
     # Chroma agrees with the registry on the held-out split and carries the fact ids.
     from storage.vectors import QA_PAIRS, VectorStore
 
