@@ -440,11 +440,14 @@ class LocalQAGenerator:
             # Only a question that passes the checks for its answer can make another ambiguous: a
             # completion that asked for the wrong measure is dropped anyway ("What is the maximum
             # speed of the Q7?" written for its ceiling), and must not take the speed's own wordings.
-            valid = [q for q in qs if check_question(q, cand, text) is None]
-            derived = [
-                f for src in valid for f in framed(src) if check_question(f, cand, text, derived=True) is None
+            passing = [q for q in qs if check_question(q, cand, text) is None]
+            rebuilt = [
+                f
+                for src in passing
+                for f in framed(src)
+                if check_question(f, cand, text, derived=True) is None
             ]
-            for q in [*valid, *derived]:  # a rebuilt wording can collide too
+            for q in [*passing, *rebuilt]:  # a rebuilt wording can collide too
                 askers.setdefault(normalize_question(q), set()).add(normalize_answer(cand.answer))
         # A question written for two answers is ambiguous: it is kept for neither.
         seen = {q for q, answers in askers.items() if len(answers) > 1}
