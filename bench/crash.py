@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: list[str] | None = None) -> int:
     from storage.failpoints import POINTS
+    from tests.corpus import copy_core
     from tests.crash import check_home, kill_and_rerun, refresh_env, run_refresh
     from tests.moe.tiny import save_tiny_base
     from tests.tasks.llm_server import LLMServer
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     base = work / "tiny-base"
     base.mkdir()
     save_tiny_base(base)
-    source = work / "docs"
-    shutil.copytree(ROOT / "examples" / "docs", source)
+    source = copy_core(work / "docs")  # the demo folder's four core documents, one per format
     llm = LLMServer().start()
     try:
         start = time.perf_counter()

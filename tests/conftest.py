@@ -10,7 +10,6 @@ from storage.settings import OFFLINE_ENV
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
-import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 import pytest  # noqa: E402
 
 from storage.settings import Settings, get_settings  # noqa: E402
+from tests.corpus import copy_core  # noqa: E402
 from tests.tasks.llm_server import LLMServer  # noqa: E402
 
 if TYPE_CHECKING:
@@ -67,17 +67,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Flow, CLI and server tests: the Prefect test harness, the loopback LLM endpoint, a source folder.
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "docs"
-#: The tests' corpus: the demo's four documents, one per format, named so that documents added to
-#: the demo folder (e.g. from examples/docs-more) leave the tests' counts of chunks and pairs alone.
-EXAMPLE_FILES = (
-    "harrowgate-remote-work-policy-2026.md",
-    "lumenvale-release-notes.txt",
-    "quillfeather-q7-spec.pdf",
-    "tidewell-harbour-bulletin.html",
-)
-
-
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
@@ -98,9 +87,6 @@ def llm_endpoint() -> Iterator[LLMServer]:
 @pytest.fixture
 def source_dir(tmp_path: Path) -> Path:
     """The example corpus plus one corrupt PDF, in a folder of its own."""
-    src = tmp_path / "docs"
-    src.mkdir()
-    for name in EXAMPLE_FILES:
-        shutil.copy2(EXAMPLES / name, src / name)
+    src = copy_core(tmp_path / "docs")
     (src / "broken.pdf").write_bytes(b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\ntruncated")
     return src
