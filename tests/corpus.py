@@ -18,8 +18,10 @@ EXAMPLE_FILES = (
 
 
 def copy_core(dest: Path) -> Path:
-    """Copy the four core documents into ``dest`` (created if missing); returns ``dest``."""
-    dest.mkdir(parents=True, exist_ok=True)
+    """``dest`` holding the four core documents and nothing else (emptied first: a reused working
+    folder must not ingest strays); returns ``dest``."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
     for name in EXAMPLE_FILES:
         shutil.copy2(EXAMPLES / name, dest / name)
     return dest
