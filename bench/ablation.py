@@ -35,9 +35,19 @@ sys.path.insert(0, str(ROOT))
 
 from storage.settings import Settings, apply_runtime_env  # noqa: E402
 
-#: The first set is the demo folder's four core documents (``tests.corpus``), as when the figures in
-#: BENCHMARKS.md were taken; it is copied under ``--work`` (the demo folder holds 13 documents).
-SETS = ["docs", ROOT / "examples" / "docs2", ROOT / "examples" / "docs3"]
+#: The three sets' names; the first is the demo folder's four core documents (``tests.corpus``), as
+#: when the figures in BENCHMARKS.md were taken (the demo folder now holds 13): see :func:`sets`.
+SETS = ("docs", "docs2", "docs3")
+
+
+def sets(work: Path) -> list[Path]:
+    """The source folders of the three refreshes: the four core documents copied under ``work``,
+    then ``examples/docs2`` and ``examples/docs3``."""
+    from tests.corpus import copy_core
+
+    return [copy_core(work / "docs"), ROOT / "examples" / "docs2", ROOT / "examples" / "docs3"]
+
+
 ARMS = {
     "full": {"bank_init": True, "loramoe": True},
     "no_bank": {"bank_init": False, "loramoe": True},
@@ -127,11 +137,7 @@ def run_arm(name: str, work: Path, quick: bool, cache_from: Path | None) -> dict
     reg = Registry.from_settings(settings)
     started = time.perf_counter()
     versions, delta_docs = [], []
-    for source in SETS:
-        if source == "docs":
-            from tests.corpus import copy_core
-
-            source = copy_core(work / "docs")
+    for source in sets(work):
         run_id = reg.start_run({"bench": "ablation", "arm": name, "source": str(source)})
         if cache_from is not None:
             copy_llm_cache(cache_from, settings)
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = arm_settings(args.work / args.arms[0], args.quick, {})
     table = {
         "command": " ".join(["bench/ablation.py", *(argv if argv is not None else sys.argv[1:])]),
-        "sets": [Path(s).name for s in SETS],
+        "sets": list(SETS),
         "base_world_nll": round(world_nll(settings, None) or float("nan"), 4),
         "arms": rows,
     }
