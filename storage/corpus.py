@@ -290,6 +290,15 @@ class CorpusMixin(Database):
             params.append(list(ids))
         return self.read(Chunk, f"SELECT * FROM chunks {where(clauses)} ORDER BY doc_id, idx", params)
 
+    def first_chunks(self, doc_ids: Sequence[str], status: str | None = "active") -> list[Chunk]:
+        """The first chunk (idx 0, where the title is) of each of these documents: what QA
+        generation names a document's subject from (``tasks.chunking.document_subject``). With
+        ``status=None`` also the first chunks of earlier versions of a document."""
+        clauses, params = filters(status=status)
+        clauses += ["idx = 0", "list_contains(?::VARCHAR[], doc_id)"]
+        params.append(list(dict.fromkeys(doc_ids)))
+        return self.read(Chunk, f"SELECT * FROM chunks {where(clauses)} ORDER BY doc_id", params)
+
     def chunks_without_qa(self, max_attempts: int | None = None, limit: int | None = None) -> list[Chunk]:
         """Active chunks still waiting for QA pairs: no live pair, not marked done and (optionally)
         not failed ``max_attempts`` times already."""

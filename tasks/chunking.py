@@ -72,6 +72,53 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
+# A word of a title's name: capitalised, or a version or model number ("5.2", "2026/07").
+_NAME_WORD = re.compile(r"[A-Z][\w'’&.-]*|\d[\w./-]*")
+_YEAR = re.compile(r"(?:19|20)\d\d")
+
+
+def document_subject(first_chunk: str, max_words: int = 8) -> str | None:
+    """The name a document is about, from its title at the head of its first chunk (chunking joins
+    the title line onto the first sentence): "Lumenvale Orbit 5.2 release notes Lumenvale Orbit is
+    ..." -> "Lumenvale Orbit 5.2", "Sandrel Botanic Garden: Visitor Notes The Sandrel Botanic Garden
+    opened ..." -> "the Sandrel Botanic Garden"; None when unsure.
+
+    The title's leading name is its capitalised words and numbers up to a lower-case word, a "The"
+    (the body begins) or a colon, at most `max_words`. The subject is the longest run of two or more
+    of those words that the rest of the chunk names too (a site header or a genre word in front,
+    "Ardwick Libraries Ardwick Central Library", or after it, "Quillfeather Q7 Survey Drone", is not
+    the body's name), with a version number right after it kept ("5.2"; not a year), and "the" in
+    front when the body says "the <name>". A chunk that opens with a plain sentence names nothing
+    twice and gives None."""
+    words = first_chunk.split()
+    run: list[str] = []
+    for word in words[:max_words]:
+        bare = word.rstrip(":,")
+        if word in ("The", "A", "An") or not _NAME_WORD.fullmatch(bare):
+            break
+        run.append(bare)
+        if bare != word:  # "Brindlemoor Water Board:" ends the name
+            break
+    body = " ".join(words[len(run) :])
+    best: tuple[int, int] | None = None
+    for i in range(len(run)):
+        if not run[i][0].isupper():
+            continue
+        for j in range(len(run), i + 1, -1):
+            if (best is None or j - i > best[1] - best[0]) and re.search(
+                rf"(?<![\w-]){re.escape(' '.join(run[i:j]))}(?![\w-])", body
+            ):
+                best = (i, j)
+    if best is None:
+        return None
+    i, j = best
+    named = " ".join(run[i:j])
+    while j < len(run) and run[j][0].isdigit() and not _YEAR.fullmatch(run[j]):
+        j += 1
+    article = re.search(rf"(?:^|\s)(?:the|The) {re.escape(named)}(?![\w-])", body)
+    return ("the " if article else "") + " ".join(run[i:j])
+
+
 def make_chunk_id(doc_id: str, idx: int, text: str) -> str:
     """Deterministic chunk id (sha256 of doc id, position and text): the registry's own definition,
     so DuckDB and Chroma rows agree without recomputation."""

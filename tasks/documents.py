@@ -53,7 +53,9 @@ def purge_document(reg: Registry, settings: Settings, path: str) -> dict:
     that document's pairs came from the same reply.
     """
     from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
+    from tasks.chunking import document_subject
     from tasks.qa import cache_keys_ever
+    from tasks.text import knowledge_text
 
     docs = match_documents(reg, path)
     if not docs:
@@ -61,12 +63,14 @@ def purge_document(reg: Registry, settings: Settings, path: str) -> dict:
     doc_ids = sorted({d.doc_id for d in docs})
     texts = {c.text for doc_id in doc_ids for c in reg.chunks(doc_id=doc_id, status=None)}
     texts -= reg.texts_used_elsewhere(texts, doc_ids)
+    # Replies are keyed with the document's subject too, named from a first chunk (any version's).
+    subjects = {document_subject(knowledge_text(c.text)) for c in reg.first_chunks(doc_ids, status=None)}
     keys = sorted(
         {
             k
             for model, version in reg.cache_models()
             for text in texts
-            for k in cache_keys_ever(text, model or "", version or "")
+            for k in cache_keys_ever(text, model or "", version or "", subjects)
         }
     )
     store = VectorStore(settings)

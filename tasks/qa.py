@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -139,7 +139,11 @@ class QAGenerator(Protocol):
     batch_size: int  # chunks per generate_many call
     max_concurrency: int  # parallel generate_many calls worth making
 
-    def generate_many(self, texts: Sequence[str], budget: Budget | None = None) -> list[GenerationResult]: ...
+    def generate_many(
+        self, texts: Sequence[str], budget: Budget | None = None, subjects: Sequence[str | None] | None = None
+    ) -> list[GenerationResult]:
+        """Pairs per text; ``subjects[i]`` names what the document of ``texts[i]`` is about (or None)."""
+        ...
 
 
 class QACache(Protocol):
@@ -273,19 +277,23 @@ def generator_fingerprint(generator: Any) -> str:
     return fingerprint(generator.model_id, generator.prompt_version)
 
 
-def cache_key(chunk_text: str, model_id: str, prompt_version: str) -> str:
-    """Keyed by the text the generator is sent (the chunk's, without instruction-like sentences; not
-    its id): the same paragraph in another document is free, and a chunk with no planted order
-    keeps the key it always had."""
-    return stable_hash(sha256_text(knowledge_text(chunk_text)), model_id, prompt_version)
+def cache_key(chunk_text: str, model_id: str, prompt_version: str, subject: str | None = None) -> str:
+    """Keyed by what the generator is sent: the chunk's text (without instruction-like sentences; not
+    its id) and its document's subject, which its questions name: the same paragraph in another
+    document about the same subject is free, and a chunk with no planted order and no subject keeps
+    the key it always had."""
+    parts = (sha256_text(knowledge_text(chunk_text)), model_id, prompt_version)
+    return stable_hash(*parts, subject) if subject else stable_hash(*parts)
 
 
-def cache_keys_ever(chunk_text: str, model_id: str, prompt_version: str) -> set[str]:
-    """Every key a reply for this chunk may be cached under: the current one and, for a chunk with
-    an instruction-like sentence, the raw-text key used before those were dropped (a purge deletes
-    both)."""
+def cache_keys_ever(
+    chunk_text: str, model_id: str, prompt_version: str, subjects: Iterable[str | None] = ()
+) -> set[str]:
+    """Every key a reply for this chunk may be cached under: without a subject and with each of
+    `subjects` (its document's), and, for a chunk with an instruction-like sentence, the raw-text
+    key used before those were dropped (a purge deletes them all)."""
     return {
-        cache_key(chunk_text, model_id, prompt_version),
+        *(cache_key(chunk_text, model_id, prompt_version, s) for s in {None, *subjects}),
         stable_hash(sha256_text(chunk_text), model_id, prompt_version),
     }
 
@@ -341,18 +349,23 @@ def generate_for_chunks(
     max_calls: int | None = None,
     max_tokens: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    subjects: Mapping[str, str | None] | None = None,
 ) -> QARunResult:
     """QA pairs for `chunks`: cache first, then the generator on a bounded pool, caching each
     response as it arrives (a crash loses nothing paid for). When the spend cap is reached no new
-    work is submitted; the remaining chunks land in `skipped_by_cap` for the next run."""
+    work is submitted; the remaining chunks land in `skipped_by_cap` for the next run. `subjects`:
+    per doc id, what the document is about (``tasks.chunking.document_subject``), sent with each of
+    its chunks so questions name it."""
     result = QARunResult()
     budget = Budget(max_calls, max_tokens)
     version = generator.prompt_version
-    # Identical texts share one cache key and one generation. The generator reads the chunk without
-    # its instruction-like sentences (prompt injection: tasks.text.knowledge_text).
+    subject_of = {c.doc_id: (subjects or {}).get(c.doc_id) for c in chunks}
+    # Identical texts of documents with one subject share one cache key and one generation. The
+    # generator reads the chunk without its instruction-like sentences (tasks.text.knowledge_text).
     groups: dict[str, list[_ChunkLike]] = {}
     for chunk in chunks:
-        groups.setdefault(cache_key(chunk.text, generator.model_id, version), []).append(chunk)
+        key = cache_key(chunk.text, generator.model_id, version, subject_of[chunk.doc_id])
+        groups.setdefault(key, []).append(chunk)
     total, done = len(groups), 0
     pending: list[str] = []
     hits: dict[str, Any] = {}
@@ -384,7 +397,20 @@ def generate_for_chunks(
 
     writer = _CacheWriter(cache) if cache is not None and pending else None
     try:
-        _run_pool(generator, groups, batches, workers, budget, writer, result, skip, done, total, progress)
+        _run_pool(
+            generator,
+            groups,
+            subject_of,
+            batches,
+            workers,
+            budget,
+            writer,
+            result,
+            skip,
+            done,
+            total,
+            progress,
+        )
     finally:
         if writer is not None:
             writer.close()
@@ -395,6 +421,7 @@ def generate_for_chunks(
 def _run_pool(
     generator: QAGenerator,
     groups: dict[str, list[_ChunkLike]],
+    subject_of: Mapping[str, str | None],
     batches: list[list[str]],
     workers: int,
     budget: Budget,
@@ -422,7 +449,8 @@ def _run_pool(
                 skip(batch)
                 return
             texts = [knowledge_text(groups[k][0].text) for k in batch]
-            in_flight[pool.submit(generator.generate_many, texts, budget)] = batch
+            subjects = [subject_of[groups[k][0].doc_id] for k in batch]
+            in_flight[pool.submit(generator.generate_many, texts, budget, subjects)] = batch
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qa") as pool:
         while True:

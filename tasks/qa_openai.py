@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 #: Bump when the prompt, schema or parsing changes: it is part of the cache key (with the facts per
 #: chunk and wordings per fact, which the instance's ``prompt_version`` adds).
-PROMPT_VERSION = "qa-v3"
+PROMPT_VERSION = "qa-v4"  # v4: the document's subject, when known, is named in the request
 
 
 def openai_prompt_version(pairs_per_chunk: int, wordings_per_fact: int) -> str:
@@ -77,14 +77,24 @@ QA_SCHEMA: dict[str, Any] = {
 }
 
 
-def build_messages(chunk_text: str, n_facts: int, wordings: int = 6) -> list[dict[str, str]]:
+def build_messages(
+    chunk_text: str, n_facts: int, wordings: int = 6, subject: str | None = None
+) -> list[dict[str, str]]:
     """Chat messages for one chunk: up to `n_facts` atomic facts (the generator's `pairs_per_chunk`),
     each asked in `wordings` different questions, in one structured request. Marker look-alikes inside
-    the text are defused so the excerpt cannot close its own delimiters."""
+    the text are defused so the excerpt cannot close its own delimiters. `subject`: what the document
+    is about (``tasks.chunking.document_subject``, a short name from its title), so that questions
+    about an excerpt that does not name it still do."""
     safe = chunk_text.replace("<<<", "‹‹‹").replace(">>>", "›››")
+    about = (
+        f" The excerpt is from a document about {subject}: a question that names nothing else for "
+        f"what it asks about names {subject}."
+        if subject
+        else ""
+    )
     user = (
         f"Extract up to {n_facts} atomic facts from the excerpt below (plus their reverse where a fact "
-        f"relates two entities) and write {wordings} differently worded questions for each.\n\n"
+        f"relates two entities) and write {wordings} differently worded questions for each.{about}\n\n"
         f"{DOC_START}\n{safe}\n{DOC_END}"
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
@@ -265,10 +275,12 @@ class OpenAIQAGenerator:
             exc.status_code in (408, 409, 429) or exc.status_code >= 500
         )
 
-    def generate(self, text: str, budget: Budget | None = None) -> GenerationResult:
+    def generate(
+        self, text: str, budget: Budget | None = None, subject: str | None = None
+    ) -> GenerationResult:
         """One chunk; retries transient failures, falls back from structured output when refused."""
         oa = self._openai
-        messages = build_messages(text, self.pairs_per_chunk, self.wordings_per_fact)
+        messages = build_messages(text, self.pairs_per_chunk, self.wordings_per_fact, subject)
         # facts and their reverses, each with its wordings: the reply grows with both
         max_tokens = max(self.max_output_tokens, 40 * 2 * self.pairs_per_chunk * self.wordings_per_fact)
         out = GenerationResult([])
@@ -338,5 +350,8 @@ class OpenAIQAGenerator:
             malformed_left -= 1
             log.warning("QA reply unusable (%s); asking again", content_error)
 
-    def generate_many(self, texts: Sequence[str], budget: Budget | None = None) -> list[GenerationResult]:
-        return [self.generate(t, budget) for t in texts]
+    def generate_many(
+        self, texts: Sequence[str], budget: Budget | None = None, subjects: Sequence[str | None] | None = None
+    ) -> list[GenerationResult]:
+        subjects = list(subjects) if subjects is not None else [None] * len(texts)
+        return [self.generate(t, budget, s) for t, s in zip(texts, subjects, strict=True)]

@@ -11,8 +11,10 @@ from tasks.qa_local.checks import (
     clean_question,
     framed,
     name_aliases,
+    names_entity,
     renamed,
     reworded,
+    situated,
     synonymed,
 )
 from tasks.qa_local.facts import Candidate, answer_candidates, select_candidates
@@ -30,8 +32,10 @@ __all__ = [
     "clean_question",
     "framed",
     "name_aliases",
+    "names_entity",
     "renamed",
     "reworded",
     "select_candidates",
+    "situated",
     "synonymed",
 ]

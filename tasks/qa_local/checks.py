@@ -12,11 +12,13 @@ from tasks.qa_local.facts import Candidate, _bare, _name_tokens
 from tasks.qa_local.lexicon import (
     _FRAME_MODIFIERS,
     _FRAMES,
+    _LABEL_NOUNS,
     _META,
     _MONTHS,
     _NAME,
     _QUESTION_WORDS,
     _SYNONYMS,
+    _WEEKDAYS,
     _WRONG_WORDS,
 )
 from tasks.text import content_words, normalize_question
@@ -201,6 +203,43 @@ def renamed(question: str, aliases: Sequence[tuple[str, str]]) -> str | None:
                 continue  # the end of another name ("Harbor Labs" for "Labs")
             return question[: m.start()] + long + question[m.end() :]
     return None
+
+
+_CALENDAR = re.compile(rf"(?:{_MONTHS}|{_WEEKDAYS})s?")
+
+
+_LABELLED = re.compile(rf"\b(?:{'|'.join(sorted(_LABEL_NOUNS))})\s+[\w.-]*\d", re.I)
+
+
+def names_entity(question: str) -> bool:
+    """Whether the question names something of its own: a capitalised word after its first ("the
+    Q7", "the Saltmarsh Pier", "Tamsin Vey"), months and weekdays aside ("on Sunday" names no one's
+    Sunday), or a labelled number ("version 5.1", "model 3"). A number alone names nothing ("in 2024")."""
+    words = [w.strip("\"'(),.:;?!") for w in question.split()[1:]]
+    return any(w[:1].isupper() and not _CALENDAR.fullmatch(w) for w in words) or bool(
+        _LABELLED.search(question)
+    )
+
+
+def situated(question: str, subject: str | None) -> str | None:
+    """The question tied to the document's subject (``tasks.chunking.document_subject``) when it names
+    nothing of its own, else None: "the <subject's head noun>" becomes the subject ("How many spaces
+    does the car park have?" stays, "How many seed varieties does the library keep?" -> "... does the
+    Orlith Valley Seed Library keep?"); otherwise the subject is added at the end, "in" a product or
+    release (a name with a number: "... kept in Lumenvale Orbit 5.2?"), "at" an organisation or place
+    ("... at the Sandrel Botanic Garden?")."""
+    if not subject or not question.endswith("?") or names_entity(question):
+        return None
+    name = subject.split()[1:] if subject.startswith("the ") else subject.split()
+    if re.search(rf"\b{re.escape(name[0])}\b", question, re.I):
+        return None  # names it already, in lower case ("a carraway wheeler")
+    head = name[-1]
+    if head.isalpha() and not head.endswith("s"):  # "the ferries" are ships, not "Vellacourt Island Ferries"
+        m = re.search(rf"\bthe {re.escape(head.lower())}\b", question)
+        if m:
+            return question[: m.start()] + subject + question[m.end() :]
+    prep = "in" if any(c.isdigit() for c in subject) else "at"
+    return f"{question[:-1].rstrip()} {prep} {subject}?"
 
 
 def _adds_content(question: str, opener: str, cand: Candidate) -> bool:

@@ -17,8 +17,11 @@ when those do not give enough distinct valid questions, a valid one is reopened 
 data then holds several wordings of a fact and the question-hash split puts some in train and some in
 the held-out eval: an eval question asks about a fact the adapter was trained on, in words it was not
 trained on. `pairs_per_chunk` caps the facts per chunk; the pairs are up to pairs_per_chunk * variants.
+A chunk may not name what its document is about ("The default retention period for closed tickets is
+now 540 days"): each kept wording that names nothing of its own then names the document's subject
+("How long are closed tickets kept in Lumenvale Orbit 5.2?", `checks.situated`).
 
-One file (~490 lines): the generator class and its prompts are one concept; the rules it applies
+One file (~530 lines): the generator class and its prompts are one concept; the rules it applies
 are in the package's other modules.
 """
 
@@ -38,6 +41,7 @@ from tasks.qa_local.checks import (
     name_aliases,
     renamed,
     reworded,
+    situated,
     synonymed,
 )
 from tasks.qa_local.facts import Candidate, select_candidates
@@ -52,7 +56,9 @@ from tasks.text import normalize_answer, normalize_question
 # v7: only a question that passes the checks for its own answer makes another fact's wording
 #     ambiguous (a completion asking for the wrong measure no longer takes the right one's frames);
 #     an appositive name is also asked from what happened to it ("What was opened by <owner> on <date>?").
-LOCAL_PROMPT_VERSION = "local-qg-v7"
+# v8: a wording that names nothing of its own is tied to the document's subject ("How long are closed
+#     tickets kept in Lumenvale Orbit 5.2?"; the subject comes with each chunk, see `generate_many`).
+LOCAL_PROMPT_VERSION = "local-qg-v8"
 
 
 def local_prompt_version(pairs_per_chunk: int, variants: int) -> str:
@@ -399,8 +405,16 @@ class LocalQAGenerator:
             plans.append(plan)
         return plans, requests
 
-    def generate_many(self, texts: Sequence[str], budget: Budget | None = None) -> list[GenerationResult]:
-        """QA pairs for several chunks with one batched model call (per `max_prompts_per_call` rows)."""
+    def generate_many(
+        self,
+        texts: Sequence[str],
+        budget: Budget | None = None,
+        subjects: Sequence[str | None] | None = None,
+    ) -> list[GenerationResult]:
+        """QA pairs for several chunks with one batched model call (per `max_prompts_per_call` rows).
+        ``subjects[i]``: what the document of ``texts[i]`` is about (``tasks.chunking.document_subject``),
+        named in its questions that name nothing of their own; None: questions as the chunk words them."""
+        subjects = list(subjects) if subjects is not None else [None] * len(texts)
         plans, requests = self._requests(texts)
         results = [GenerationResult([]) for _ in texts]
         stems: dict[tuple[int, int], tuple[str, str]] = {}
@@ -428,13 +442,19 @@ class LocalQAGenerator:
                 budget.add_tokens(sum(t_in) + sum(t_out))
         for i, (text, plan) in enumerate(zip(texts, plans, strict=True)):
             results[i].pairs = self._pick(
-                text, [(c, fixed + questions.get((i, j), [])) for j, (c, fixed) in enumerate(plan)]
+                text,
+                [(c, fixed + questions.get((i, j), [])) for j, (c, fixed) in enumerate(plan)],
+                subjects[i],
             )
         return results
 
-    def _pick(self, text: str, asked: list[tuple[Candidate, list[str]]]) -> list[dict[str, str]]:
+    def _pick(
+        self, text: str, asked: list[tuple[Candidate, list[str]]], subject: str | None = None
+    ) -> list[dict[str, str]]:
         """Up to `variants` distinct valid questions per fact, facts with more variants first, at most
-        `pairs_per_chunk` facts. A question already kept (normalised) is not kept again, for any answer."""
+        `pairs_per_chunk` facts. A question already kept (normalised) is not kept again, for any answer.
+        Each kept wording that names nothing of its own is then tied to the document's `subject`
+        (`checks.situated`)."""
         askers: dict[str, set[str]] = {}
         for cand, qs in asked:
             # Only a question that passes the checks for its answer can make another ambiguous: a
@@ -496,4 +516,24 @@ class LocalQAGenerator:
             if valid:
                 facts.append((cand, valid))
         facts.sort(key=lambda f: -len(f[1]))  # stable: by score within the same number of variants
-        return [{"question": q, "answer": c.answer} for c, qs in facts[: self.pairs_per_chunk] for q in qs]
+        kept = facts[: self.pairs_per_chunk]
+        if subject:
+            kept = [(c, _situate(qs, c, text, subject)) for c, qs in kept]
+        return [{"question": q, "answer": c.answer} for c, qs in kept for q in qs]
+
+
+def _situate(questions: list[str], cand: Candidate, text: str, subject: str) -> list[str]:
+    """The fact's wordings tied to the document's subject. The situated wording replaces the bare one
+    (a bare one trained beside it would still be ambiguous across documents, and the fact keeps as
+    many wordings as it had); a wording whose situated form fails the checks (the subject is the
+    answer, or would leak one of its numbers) stays as it was. The subject counts as the chunk's
+    text for grounding: its number ("5.2") is the title's, not invented."""
+    grounds = f"{text}\n{subject}"
+    out: list[str] = []
+    for q in questions:
+        s = situated(q, subject)
+        if s is not None and check_question(s, cand, grounds, derived=True) is None:
+            q = s
+        if normalize_question(q) not in {normalize_question(o) for o in out}:
+            out.append(q)
+    return out

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tasks.chunking import Page, chunk_pages, make_chunk_id, split_sentences
+from tasks.chunking import Page, chunk_pages, document_subject, make_chunk_id, split_sentences
 
 SENTENCES = [
     f"Sentence number {i} talks about the drone model Q{i} and its {i + 3} rotors." for i in range(40)
@@ -81,3 +83,64 @@ def test_empty_and_invalid_arguments():
         chunk_pages("doc", [Page(1, "x")], 50, 50)
     with pytest.raises(ValueError):
         chunk_pages("doc", [Page(1, "x")], 0, 0)
+
+
+def test_document_subject_is_the_titles_name_that_the_body_repeats():
+    # chunking joins the title line onto the first sentence; the body's name for it is kept
+    assert (
+        document_subject(
+            "Lumenvale Orbit 5.2 release notes Lumenvale Orbit is the ticket-routing service used by ..."
+        )
+        == "Lumenvale Orbit 5.2"
+    )  # the version after the name stays, the genre words go
+    assert (
+        document_subject(
+            "Ardwick Libraries Ardwick Central Library: Makerspace Rules The Ardwick Central Library opened ..."
+        )
+        == "the Ardwick Central Library"
+    )  # a site header in front is not the body's name
+    assert (
+        document_subject(
+            "Quillfeather Q7 Survey Drone: Technical Specification The Quillfeather Q7 is a survey drone ..."
+        )
+        == "the Quillfeather Q7"
+    )
+    assert (
+        document_subject(
+            "Brindlemoor Water Board 2026 annual summary The Brindlemoor Water Board supplies ..."
+        )
+        == "the Brindlemoor Water Board"
+    )  # a year is no version
+    # unsure: no title, a name the body never repeats, a one-word name
+    assert document_subject("The Quillfeather Q7 is a drone. The Quillfeather Q7 weighs 1.8 kg.") is None
+    assert document_subject("Northwind Bank reported a profit. The bank employs 5,300 people.") is None
+    assert document_subject("Acme: annual report Acme grew by 4%.") is None
+    assert document_subject("") is None
+
+
+DEMO_SUBJECTS = {
+    "ardwick-library-makerspace.html": "the Ardwick Central Library",
+    "brindlemoor-water-board.txt": "the Brindlemoor Water Board",
+    "carraway-cycling-club.md": "the Carraway Wheelers",
+    "harrowgate-remote-work-policy-2026.md": "the Harrowgate Fen Institute",
+    "kestrow-observatory-update.html": "the Kestrow Hill Observatory",
+    "lumenvale-release-notes.txt": "Lumenvale Orbit 5.2",
+    "marrowby-rail-depot-notice.txt": "the Marrowby Rail Depot",
+    "orlith-seed-library-guide.md": "the Orlith Valley Seed Library",
+    "pemberly-hospital-parking.txt": "Pemberly General Hospital",
+    "quillfeather-q7-spec.pdf": "the Quillfeather Q7",
+    "sandrel-botanic-garden.html": "the Sandrel Botanic Garden",
+    "tidewell-harbour-bulletin.html": "the Tidewell Harbour Authority",
+    "vellacourt-ferry-fleet.md": "Vellacourt Island Ferries",
+}
+
+
+def test_every_demo_document_gets_its_subject_from_its_first_chunk():
+    from tasks.ingest import parse_document, scan_source
+
+    files = scan_source(Path(__file__).parents[2] / "examples" / "docs", 50).files
+    got = {}
+    for f in files:
+        first = chunk_pages(f.rel_path, parse_document(f, 50).pages, chunk_tokens=80, overlap=16)[0]
+        got[f.rel_path] = document_subject(first.text)
+    assert got == DEMO_SUBJECTS

@@ -13,6 +13,7 @@ from tasks.qa import (
     DictCache,
     RegistryCache,
     cache_key,
+    cache_keys_ever,
     generate_for_chunks,
     new_pair,
     validate_pair,
@@ -603,3 +604,26 @@ def test_the_fingerprint_from_settings_matches_the_generator_built_from_them(
     )
     local = settings.model_copy(update={"qa_backend": "local", "base_model": str(tiny_model_dir)})
     assert settings_fingerprint(local) == generator_fingerprint(make_generator(local))
+
+
+def test_the_stage_sends_each_chunk_its_documents_subject_and_keys_the_cache_with_it(settings, llm_server):
+    """The subject comes from the document's first chunk (its title) and reaches every chunk's
+    request, also one asked without the first chunk (a later run); the reply is cached under it."""
+    from tasks.stages.qa import document_subjects, qa_stage
+
+    doc = "d" * 64
+    title = "Lumenvale Orbit 5.2 release notes Lumenvale Orbit is the ticket-routing service of Corvid Lane."
+    texts = [title, "The default retention period for closed tickets is now 540 days in every region."]
+    chunks = [Chunk(make_chunk_id(doc, i, t), doc, i, t, 1, len(t.split())) for i, t in enumerate(texts)]
+    reg = registry_with_chunks(settings, 0, chunks)
+    assert document_subjects(reg, [doc]) == {doc: "Lumenvale Orbit 5.2"}
+    reg.mark_chunks_qa_done([chunks[0].chunk_id])  # only the second chunk is left to ask
+    g = gen(llm_server)
+    qa_stage(settings, "run-1", generator=g)
+    [request] = llm_server.state.requests
+    user = request["messages"][-1]["content"]
+    assert "document about Lumenvale Orbit 5.2" in user and "540 days" in user
+    key = cache_key(texts[1], g.model_id, g.prompt_version, "Lumenvale Orbit 5.2")
+    assert key != cache_key(texts[1], g.model_id, g.prompt_version) and reg.cache_get(key) is not None
+    assert key in cache_keys_ever(texts[1], g.model_id, g.prompt_version, ["Lumenvale Orbit 5.2"])  # purge
+    assert build_messages(texts[1], 3, 6)[-1]["content"].count("document about") == 0  # no subject: as before

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tasks.chunking import Chunk, make_chunk_id
-from tasks.qa import Budget, DictCache, generate_for_chunks, validate_pair
+from tasks.qa import Budget, DictCache, cache_key, generate_for_chunks, validate_pair
 from tasks.qa_local import (
     LOCAL_PROMPT_VERSION,
     SHOTS,
@@ -22,9 +22,11 @@ from tasks.qa_local import (
     clean_question,
     framed,
     name_aliases,
+    names_entity,
     renamed,
     reworded,
     select_candidates,
+    situated,
     synonymed,
 )
 from tasks.text import normalize_question
@@ -529,3 +531,91 @@ def test_a_wrong_measure_completion_does_not_make_the_right_wording_ambiguous(ti
     assert "How fast can the Quillfeather Q7 go?" in by_answer["68 km/h"]
     assert wrong not in by_answer["4,500 metres"]
     assert "How high can the Quillfeather Q7 fly?" in by_answer["4,500 metres"]
+
+
+# --- the document's subject in questions that name nothing ----------------------------------------
+RELEASE = (
+    "Version 5.2 adds a feature called Quiet Hours. The default retention period for closed tickets is "
+    "now 540 days. Lumenvale Orbit now supports 12 languages."
+)
+
+
+def test_a_question_that_names_nothing_is_tied_to_the_subject():
+    assert not names_entity("How long are closed tickets kept?")
+    assert not names_entity("What time does the club ride leave on Sundays in 2026?")  # calendar, numbers
+    assert names_entity("How tall is the Palmhaven House?") and names_entity("When was version 5.2 released?")
+    lv, garden = "Lumenvale Orbit 5.2", "the Sandrel Botanic Garden"
+    assert (
+        situated("How long are closed tickets kept?", lv)
+        == "How long are closed tickets kept in Lumenvale Orbit 5.2?"
+    )
+    assert situated("How many hectares does the garden cover?", garden) == (
+        "How many hectares does the Sandrel Botanic Garden cover?"  # its head noun becomes the name
+    )
+    assert (
+        situated("When is the garden's café open?", garden)
+        == "When is the Sandrel Botanic Garden's café open?"
+    )
+    assert situated("How many varieties does the rose garden have?", garden) == (
+        "How many varieties does the rose garden have at the Sandrel Botanic Garden?"
+    )
+    assert situated("How fast do the ferries sail?", "Vellacourt Island Ferries") == (
+        "How fast do the ferries sail at Vellacourt Island Ferries?"  # the ships are not the company
+    )
+    assert situated("How tall is the Palmhaven House?", garden) is None  # names its own
+    assert situated("When was version 5.2 released?", lv) is None
+    assert situated("How much does a carraway wheeler cost?", "the Carraway Wheelers") is None
+    assert situated("How long are closed tickets kept?", None) is None
+
+
+def test_every_kept_wording_names_the_subject_and_the_fact_keeps_its_wordings(tiny_generator):
+    """The situated wording replaces the bare one (the rule-made ones here need no model): six
+    distinct wordings of the retention fact, each naming Lumenvale Orbit 5.2."""
+    g = tiny_generator
+    g.variants = 6
+    try:
+        bare = {p["question"] for p in g.generate_many([RELEASE])[0].pairs if p["answer"] == "540 days"}
+        pairs = g.generate_many([RELEASE], subjects=["Lumenvale Orbit 5.2"])[0].pairs
+    finally:
+        g.variants = 2
+    retention = [p["question"] for p in pairs if p["answer"] == "540 days"]
+    assert len(retention) == len(set(retention)) == len(bare) == 6
+    assert "How long are closed tickets kept in Lumenvale Orbit 5.2?" in retention
+    assert {q.removesuffix(" in Lumenvale Orbit 5.2?") + "?" for q in retention} == bare
+    cand = next(c for c in select_candidates(RELEASE, 6) if c.answer == "540 days")
+    grounds = f"{RELEASE}\nLumenvale Orbit 5.2"  # the title's "5.2" is no invented number
+    assert all(check_question(q, cand, grounds, derived=True) is None for q in retention)
+
+
+def test_a_wording_whose_answer_is_the_subject_stays_bare(tiny_generator):
+    name = next(
+        c for c in answer_candidates("Lumenvale Orbit now supports 12 languages.") if c.kind == "name"
+    )
+    assert name.answer == "Lumenvale Orbit"
+    asked = [(name, ["What now supports 12 languages?"])]
+    assert tiny_generator._pick(RELEASE, asked, "Lumenvale Orbit 5.2") == [
+        {"question": "What now supports 12 languages?", "answer": "Lumenvale Orbit"}  # no answer in it
+    ]
+
+
+def test_the_subject_reaches_the_generator_per_chunk_and_keys_its_cache(tiny_generator):
+    title = "Lumenvale Orbit 5.2 release notes Lumenvale Orbit is the ticket-routing service of Corvid Lane."
+    lv = [
+        Chunk(make_chunk_id("lv", i, t), "lv", i, t, 1, len(t.split()))
+        for i, t in enumerate([title, RELEASE])
+    ]
+    other = Chunk(make_chunk_id("x", 3, RELEASE), "x", 3, RELEASE, 1, 20)  # same text, no subject
+    cache = DictCache()
+    res = generate_for_chunks(
+        [*lv, other], tiny_generator, cache, concurrency=1, subjects={"lv": "Lumenvale Orbit 5.2"}
+    )
+    version, model = tiny_generator.prompt_version, tiny_generator.model_id
+    with_subject = cache_key(RELEASE, model, version, "Lumenvale Orbit 5.2")
+    assert with_subject != cache_key(RELEASE, model, version) and with_subject in cache.data
+    assert cache_key(RELEASE, model, version) in cache.data  # the other document's text: its own reply
+    by_chunk: dict[str, set[str]] = {}
+    for p in res.pairs:
+        if p.answer == "540 days":
+            by_chunk.setdefault(p.chunk_id, set()).add(p.question)
+    assert all(q.endswith(" in Lumenvale Orbit 5.2?") for q in by_chunk[lv[1].chunk_id])
+    assert not any("Lumenvale" in q for q in by_chunk[other.chunk_id])
