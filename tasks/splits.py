@@ -27,6 +27,7 @@ later refresh that trains a close wording of an eval question drops that questio
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 
 import numpy as np
@@ -76,6 +77,27 @@ def choose_dev(
 
         chosen.append(min(rows, key=closeness))
     return chosen
+
+
+def without_subject(question: str, subject: str | None) -> str:
+    """The question with its document's subject (``tasks.chunking.document_subject``) taken out, for
+    the distance between wordings: every wording of a fact names the same subject, so it says
+    nothing of how far two wordings are ("How long are closed tickets kept in Lumenvale Orbit 5.2?"
+    -> "How long are closed tickets kept?", "When is the Sandrel Botanic Garden open?" -> "When is
+    it open?"). Unchanged when the subject is None or not named."""
+    if not subject:
+        return question
+    name = subject[4:] if subject.startswith("the ") else subject
+    pattern = rf"(?:\s+(?:in|at|of|for)\s+)?(?:\bthe\s+)?{re.escape(name)}(?:'s|’s)?(?![\w-])"
+    m = re.search(pattern, question, flags=re.I)
+    if m is None:
+        return question
+    rest = question[m.end() :]
+    if re.fullmatch(r"\s*[?.!]?\s*", rest):  # "... kept in Lumenvale Orbit 5.2?": the tail goes
+        return question[: m.start()].rstrip() + rest.strip()
+    gap = " " if m.group(0)[:1].isspace() else ""
+    pronoun = "its" if m.group(0).endswith(("'s", "’s")) else "it"  # "the Board's chief": "its chief"
+    return question[: m.start()] + gap + pronoun + rest
 
 
 def jaccard(a: str, b: str) -> float:

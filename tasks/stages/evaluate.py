@@ -48,7 +48,8 @@ def held_out_suites(
     """
     from storage.vectors import Embedder
     from tasks.dedup import answers_agree
-    from tasks.splits import far_apart, normalised_rows
+    from tasks.splits import far_apart, normalised_rows, without_subject
+    from tasks.stages.qa import document_subjects
 
     lineage = reg.trained_pairs(version)
     everything = {p.qa_id: p for p in reg.qa_pairs(status=None)}
@@ -67,13 +68,20 @@ def held_out_suites(
     if not candidates:
         return out
     paths = {path_of.get(p.doc_id, p.doc_id) for p in candidates}
-    texts = sorted({p.question for p in candidates} | {t.question for x in paths for t in by_path.get(x, [])})
+    # Distances leave out the document's subject, which every wording of its facts names.
+    near = [t for x in paths for t in by_path.get(x, [])]
+    subject = document_subjects(reg, sorted({p.doc_id for p in [*candidates, *near]}))
+
+    def bare(p) -> str:
+        return without_subject(p.question, subject.get(p.doc_id))
+
+    texts = sorted({bare(p) for p in candidates} | {bare(t) for t in near})
     row = {t: i for i, t in enumerate(texts)}
     emb = normalised_rows(Embedder.from_settings(settings).encode(texts))
     for p in candidates:
         same_doc = by_path.get(path_of.get(p.doc_id, p.doc_id), [])
-        if not far_apart(p.question, [t.question for t in same_doc], emb[row[p.question]],
-                         emb[[row[t.question] for t in same_doc]] if same_doc else None):  # fmt: skip
+        if not far_apart(bare(p), [bare(t) for t in same_doc], emb[row[bare(p)]],
+                         emb[[row[bare(t)] for t in same_doc]] if same_doc else None):  # fmt: skip
             continue
         fact_trained = p.fact_id in by_fact or any(answers_agree(t.answer, p.answer) for t in same_doc)
         out["paraphrase" if fact_trained else "unseen"].append(p)

@@ -36,7 +36,8 @@ def hold_out_wordings(
     (``tasks.splits``), compared with the fact's other new wordings and with its wordings already
     stored as train.  Returns the rows of ``new`` still to index, and how many went to eval, dev and
     duplicate."""
-    from tasks.splits import choose_dev, choose_paraphrases, close_wordings, normalised_rows
+    from tasks.splits import choose_dev, choose_paraphrases, close_wordings, normalised_rows, without_subject
+    from tasks.stages.qa import document_subjects
 
     facts: dict[str, list[int]] = {}
     for i, p in enumerate(new):
@@ -46,12 +47,18 @@ def hold_out_wordings(
         return list(range(len(new))), 0, 0, 0
     new_ids = {p.qa_id for p in new}
     old = [p for p in known if p.fact_id in facts and p.split == "train" and p.qa_id not in new_ids]
-    emb = normalised_rows(store.embedder.encode([p.question for p in new] + [p.question for p in old]))
+    # Distances between wordings leave out the document's subject, which every wording names.
+    subject = document_subjects(reg, sorted({p.doc_id for p in [*new, *old]}))
+
+    def bare(p) -> str:
+        return without_subject(p.question, subject.get(p.doc_id))
+
+    emb = normalised_rows(store.embedder.encode([bare(p) for p in new] + [bare(p) for p in old]))
     old_rows: dict[str, list[int]] = {}
     for j, p in enumerate(old):
         old_rows.setdefault(p.fact_id, []).append(len(new) + j)
-    trained = {f: ([old[r - len(new)].question for r in rows], emb[rows]) for f, rows in old_rows.items()}
-    questions = [p.question for p in new]
+    trained = {f: ([bare(old[r - len(new)]) for r in rows], emb[rows]) for f, rows in old_rows.items()}
+    questions = [bare(p) for p in new]
     # A fact with a dev wording never gets a paraphrase question, and the other way round.
     with_dev = {p.fact_id for p in known if p.fact_id in facts and p.split == "dev"}
     with_eval = {p.fact_id for p in known if p.fact_id in facts and p.split == "eval"}

@@ -22,6 +22,7 @@ from tasks.splits import (
     first_close,
     jaccard,
     normalised_rows,
+    without_subject,
 )
 
 FAR = "How many kilograms can the Brisken drone lift at most?"
@@ -45,6 +46,26 @@ def test_splits_are_per_fact_and_proportional():
     assert {fact_split(fact_id_for("doc", a)) for a in ("2.4 kg", "2.4 kilograms", "about 2.4")} == {
         fact_split(fact_id_for("doc", "2.4 kg"))
     }
+
+
+def test_without_subject_leaves_out_what_every_wording_names():
+    lumen, board = "Lumenvale Orbit 5.2", "the Brindlemoor Water Board"
+    assert without_subject("How long are closed tickets kept in Lumenvale Orbit 5.2?", lumen) == (
+        "How long are closed tickets kept?"
+    )
+    assert without_subject("Who is the Brindlemoor Water Board's chief executive?", board) == (
+        "Who is its chief executive?"
+    )
+    assert without_subject("When is the Sandrel Botanic Garden open?", "the Sandrel Botanic Garden") == (
+        "When is it open?"
+    )
+    # not named, or no subject: unchanged
+    assert without_subject("What is the Q7?", "the Quillfeather Q7") == "What is the Q7?"
+    assert without_subject("How tall is it?", None) == "How tall is it?"
+    # Two wordings that share only the subject are far once it is left out, close with it.
+    a = "What is the default retention period for closed tickets in Lumenvale Orbit 5.2?"
+    b = "How long are closed tickets kept in Lumenvale Orbit 5.2?"
+    assert jaccard(a, b) > jaccard(without_subject(a, lumen), without_subject(b, lumen))
 
 
 def test_far_apart_needs_both_measures(embedder):
