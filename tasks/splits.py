@@ -100,6 +100,18 @@ def without_subject(question: str, subject: str | None) -> str:
     return question[: m.start()] + gap + pronoun + rest
 
 
+#: Words that say nothing of what a question asks about ("Can you tell me ...", "What's ...").
+_FILLER = frozenset({"tell", "know", "s", "please", "wonder"})
+
+
+def says_what(question: str) -> bool:
+    """Whether a wording, its document's subject taken out (:func:`without_subject`), still says what
+    it asks about: a content word besides filler. "What is the Marrowby Rail Depot?" -> "What is?"
+    says nothing and is far from every other wording only because it is empty, so it is never held
+    out as a paraphrase question; "How fast is it?" says "fast" and may be."""
+    return bool(content_words(question) - _FILLER)
+
+
 def jaccard(a: str, b: str) -> float:
     wa, wb = content_words(a), content_words(b)
     return len(wa & wb) / len(wa | wb) if wa | wb else 1.0
@@ -169,6 +181,8 @@ def choose_paraphrases(
             continue
         best: tuple[int, str, int] | None = None  # (wordings given up, hash, row)
         for r in sorted(rows, key=lambda i: stable_hash("paraphrase", questions[i])):
+            if not says_what(questions[r]):
+                continue  # far only because it says nothing
             rest = [i for i in rows if i != r]
             close = close_wordings(r, rows, questions, emb) if drop_close else []
             rest = [i for i in rest if i not in close]

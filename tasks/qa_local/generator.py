@@ -45,6 +45,7 @@ from tasks.qa_local.checks import (
     synonymed,
 )
 from tasks.qa_local.facts import Candidate, select_candidates
+from tasks.splits import says_what, without_subject
 from tasks.text import normalize_answer, normalize_question
 
 # v4: "<named subject> carries a <noun phrase> of <value>" gets a rule-only question.
@@ -58,7 +59,9 @@ from tasks.text import normalize_answer, normalize_question
 #     an appositive name is also asked from what happened to it ("What was opened by <owner> on <date>?").
 # v8: a wording that names nothing of its own is tied to the document's subject ("How long are closed
 #     tickets kept in Lumenvale Orbit 5.2?"; the subject comes with each chunk, see `generate_many`).
-LOCAL_PROMPT_VERSION = "local-qg-v8"
+# v9: a wording that asks about nothing but the subject ("What is the Marrowby Rail Depot?" for
+#     "26 trains") is dropped.
+LOCAL_PROMPT_VERSION = "local-qg-v9"
 
 
 def local_prompt_version(pairs_per_chunk: int, variants: int) -> str:
@@ -527,13 +530,17 @@ def _situate(questions: list[str], cand: Candidate, text: str, subject: str) -> 
     (a bare one trained beside it would still be ambiguous across documents, and the fact keeps as
     many wordings as it had); a wording whose situated form fails the checks (the subject is the
     answer, or would leak one of its numbers) stays as it was. The subject counts as the chunk's
-    text for grounding: its number ("5.2") is the title's, not invented."""
+    text for grounding: its number ("5.2") is the title's, not invented. A wording that asks about
+    nothing but the subject ("What is the Marrowby Rail Depot?" for "26 trains",
+    `tasks.splits.says_what`) is dropped: it does not say what it asks."""
     grounds = f"{text}\n{subject}"
     out: list[str] = []
     for q in questions:
         s = situated(q, subject)
         if s is not None and check_question(s, cand, grounds, derived=True) is None:
             q = s
+        if not says_what(without_subject(q, subject)):
+            continue
         if normalize_question(q) not in {normalize_question(o) for o in out}:
             out.append(q)
     return out

@@ -28,7 +28,7 @@ class EvaluateSummary:
     means: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
-UNSEEN_PER_FACT = 2
+HELD_OUT_PER_FACT = 2
 
 
 def held_out_suites(
@@ -42,13 +42,16 @@ def held_out_suites(
       one is dropped, never scored, whatever fact it was filed under;
     * ``paraphrase`` — the rest whose fact was trained (same fact id, or a trained pair of the same
       document whose answer agrees);
-    * ``unseen`` — the rest, facts no trained pair asks about, at most ``UNSEEN_PER_FACT`` wordings
-      of each (more wordings of one untrained fact re-ask what one answer already shows, at the price
-      of a generation per model and mode).
+    * ``unseen`` — the rest, facts no trained pair asks about;
+
+    each at most ``HELD_OUT_PER_FACT`` wordings per fact (more wordings of one fact re-ask what one
+    answer already shows, at the price of a generation per model and mode, and count one fact as
+    several questions: an unseen fact's wordings whose answer agrees with a trained pair's all land
+    in ``paraphrase``).
     """
     from storage.vectors import Embedder
     from tasks.dedup import answers_agree
-    from tasks.splits import far_apart, normalised_rows, without_subject
+    from tasks.splits import far_apart, normalised_rows, says_what, without_subject
     from tasks.stages.qa import document_subjects
 
     lineage = reg.trained_pairs(version)
@@ -80,18 +83,21 @@ def held_out_suites(
     emb = normalised_rows(Embedder.from_settings(settings).encode(texts))
     for p in candidates:
         same_doc = by_path.get(path_of.get(p.doc_id, p.doc_id), [])
+        if not says_what(bare(p)):
+            continue  # "What is?" (subject out) is far from everything only because it says nothing
         if not far_apart(bare(p), [bare(t) for t in same_doc], emb[row[bare(p)]],
                          emb[[row[bare(t)] for t in same_doc]] if same_doc else None):  # fmt: skip
             continue
         fact_trained = p.fact_id in by_fact or any(answers_agree(t.answer, p.answer) for t in same_doc)
         out["paraphrase" if fact_trained else "unseen"].append(p)
-    per_fact: dict[str, int] = {}
-    keep: set[str] = set()
-    for p in sorted(out["unseen"], key=lambda p: p.qa_id):
-        per_fact[p.fact_id] = per_fact.get(p.fact_id, 0) + 1
-        if per_fact[p.fact_id] <= UNSEEN_PER_FACT:
-            keep.add(p.qa_id)
-    out["unseen"] = [p for p in out["unseen"] if p.qa_id in keep]
+    for suite, pairs in out.items():
+        per_fact: dict[str, int] = {}
+        keep: set[str] = set()
+        for p in sorted(pairs, key=lambda p: p.qa_id):
+            per_fact[p.fact_id] = per_fact.get(p.fact_id, 0) + 1
+            if per_fact[p.fact_id] <= HELD_OUT_PER_FACT:
+                keep.add(p.qa_id)
+        out[suite] = [p for p in pairs if p.qa_id in keep]
     return out
 
 

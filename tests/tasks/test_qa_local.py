@@ -598,6 +598,17 @@ def test_a_wording_whose_answer_is_the_subject_stays_bare(tiny_generator):
     ]
 
 
+def test_a_wording_that_asks_about_nothing_but_the_subject_is_dropped(tiny_generator):
+    depot = "The Marrowby Rail Depot services 26 trains every night."
+    cand = next(c for c in select_candidates(depot, 6) if c.answer == "26 trains")
+    asked = [
+        (cand, ["What is the Marrowby Rail Depot?", "How many trains does the Marrowby Rail Depot service?"])
+    ]
+    assert tiny_generator._pick(depot, asked, "the Marrowby Rail Depot") == [
+        {"question": "How many trains does the Marrowby Rail Depot service?", "answer": "26 trains"}
+    ]
+
+
 def test_the_subject_reaches_the_generator_per_chunk_and_keys_its_cache(tiny_generator):
     title = "Lumenvale Orbit 5.2 release notes Lumenvale Orbit is the ticket-routing service of Corvid Lane."
     lv = [

@@ -22,6 +22,7 @@ from tasks.splits import (
     first_close,
     jaccard,
     normalised_rows,
+    says_what,
     without_subject,
 )
 
@@ -117,6 +118,22 @@ def test_choose_paraphrases_drop_close_gives_up_new_wordings_close_to_the_held_o
     assert choose_paraphrases({"payload": [0]}, qs, emb, trained, drop_close=True) == []
 
 
+def test_a_wording_that_says_nothing_once_its_subject_is_out_is_never_held_out(embedder):
+    subject = "the Marrowby Rail Depot"
+    vague = without_subject("What is the Marrowby Rail Depot?", subject)
+    assert vague == "What is?" and not says_what(vague)
+    assert not says_what(without_subject("Can you tell me what the Marrowby Rail Depot is?", subject))
+    assert says_what(without_subject("How fast is the Marrowby Rail Depot?", subject))  # "fast"
+    qs = [vague, *(without_subject(q, subject) for q in (
+        "How many trains can the Marrowby Rail Depot service?",
+        "What number of trains does the Marrowby Rail Depot service?",
+    ))]  # fmt: skip
+    emb = normalised_rows(embedder.encode(qs))
+    # "What is?" is far from both others by both measures, yet it is not a paraphrase question
+    assert far_apart(qs[0], qs[1:], emb[0], emb[1:])
+    assert choose_paraphrases({"trains": [0, 1, 2]}, qs, emb) == []
+
+
 def test_choose_dev_holds_out_one_wording_of_a_share_of_facts_that_keep_one(embedder):
     facts = {f"fact-{i}": [3 * i, 3 * i + 1, 3 * i + 2] for i in range(200)}
     qs = [f"Question {j} about the item {j // 3}?" for j in range(600)]
@@ -160,7 +177,7 @@ def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(
         "What's the maximum payload of the Quillfeather Q7 drone?", "2.4 kg", "eval"
     )  # an old home's split
     unseen = new("For how long can the Quillfeather Q7 stay in the air?", "47 minutes", "eval")
-    more_unseen = [  # more wordings of the same untrained fact: at most UNSEEN_PER_FACT are scored
+    more_unseen = [  # more wordings of the same untrained fact: at most HELD_OUT_PER_FACT are scored
         new(q, "47 minutes", "eval")
         for q in (
             "What is the flight time of the Quillfeather Q7 drone?",
@@ -183,16 +200,20 @@ def test_index_stage_holds_out_far_wordings_and_evaluation_rechecks(
     # The close eval wording of a trained fact is never scored; a far one of a trained fact is a
     # paraphrase, never "unseen".
     assert suites["paraphrase"] == {FAR, leak.question}
-    from tasks.stages.evaluate import UNSEEN_PER_FACT
+    from tasks.stages.evaluate import HELD_OUT_PER_FACT
 
     wordings = {unseen.question, *(p.question for p in more_unseen)}
-    assert len(suites["unseen"]) == UNSEEN_PER_FACT == 2 and suites["unseen"] <= wordings
+    assert len(suites["unseen"]) == HELD_OUT_PER_FACT == 2 and suites["unseen"] <= wordings
     # the two kept are the first by id (deterministic); with the cap raised all three are scored
     assert suites["unseen"] == {p.question for p in sorted([unseen, *more_unseen], key=lambda p: p.qa_id)[:2]}
     import tasks.stages.evaluate as stage
 
-    monkeypatch.setattr(stage, "UNSEEN_PER_FACT", 3)
+    monkeypatch.setattr(stage, "HELD_OUT_PER_FACT", 3)
     assert {p.question for p in held_out_suites(s, reg, version)["unseen"]} == wordings
+    # the cap is per fact in both suites (an unseen fact's wordings that agree with a trained
+    # answer all land in "paraphrase": they count as one fact's questions, not as many)
+    monkeypatch.setattr(stage, "HELD_OUT_PER_FACT", 0)
+    assert held_out_suites(s, reg, version) == {"paraphrase": [], "unseen": []}
     # Chroma agrees with the registry on the held-out split and carries the fact ids.
     from storage.vectors import QA_PAIRS, VectorStore
 
