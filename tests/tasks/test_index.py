@@ -196,6 +196,36 @@ def test_pairs_close_to_a_held_out_question_are_excluded_before_indexing(setting
         load_holdout_questions(held)
 
 
+def test_the_held_out_question_distance_leaves_out_the_document_subject(settings, embedder, tmp_path):
+    """Every wording of a fact names the document's subject, and so does the hand-written question:
+    the distance is taken without it, as the paraphrase split's is, so a far wording is still taught."""
+    from storage.records import QAPair
+    from storage.registry import Registry
+    from tasks.stages.index import index_stage
+    from tasks.stages.ingest import ingest_stage
+    from tasks.stages.qa import document_subjects
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "orbit.md").write_text(
+        "# Lumenvale Orbit 5.2 release notes\n\nLumenvale Orbit is a help desk. The default retention "
+        "period for closed tickets is now 540 days.\n"
+    )
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"question": "How long are closed tickets kept in Lumenvale Orbit 5.2?"}\n')
+    s = settings.model_copy(update={"holdout_questions": held})
+    ingest_stage(s, src, "run-1")
+    reg = Registry.from_settings(s)
+    chunk = reg.chunks()[0]
+    assert document_subjects(reg, [chunk.doc_id]) == {chunk.doc_id: "Lumenvale Orbit 5.2"}
+    new = lambda q: QAPair.new(chunk.chunk_id, chunk.doc_id, q, "540 days", "train")  # noqa: E731
+    close = new("For how long are closed tickets kept in Lumenvale Orbit 5.2?")
+    far = new("What is the default retention period for closed tickets in Lumenvale Orbit 5.2?")
+    reg.add_qa_pairs([close, far], run_id="run-1")
+    assert index_stage(s, "run-1").qa_excluded_near_holdout == 1
+    assert [p.qa_id for p in reg.qa_pairs(status="excluded")] == [close.qa_id]
+
+
 def test_a_missing_holdout_questions_file_is_refused_at_start(tmp_path):
     """Checked when the settings are read, before any LLM call: nothing would be kept out otherwise."""
     from pydantic import ValidationError
