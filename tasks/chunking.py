@@ -11,8 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from storage.records import Chunk, chunk_id_for
+
+if TYPE_CHECKING:
+    from storage.registry import Registry
 
 # Abbreviations whose trailing period does not end a sentence.
 _ABBREVIATIONS = frozenset(
@@ -117,6 +121,15 @@ def document_subject(first_chunk: str, max_words: int = 8) -> str | None:
         j += 1
     article = re.search(rf"(?:^|\s)(?:the|The) {re.escape(named)}(?![\w-])", body)
     return ("the " if article else "") + " ".join(run[i:j])
+
+
+def document_subjects(reg: Registry, doc_ids: Sequence[str]) -> dict[str, str | None]:
+    """What each document is about (:func:`document_subject`), from the head of its first chunk (one
+    query for all documents; the chunk read without instruction-like sentences, like every chunk QA
+    reads). The QA stage names it in questions; the hold-outs leave it out of their distances."""
+    from tasks.text import knowledge_text
+
+    return {c.doc_id: document_subject(knowledge_text(c.text)) for c in reg.first_chunks(doc_ids)}
 
 
 def make_chunk_id(doc_id: str, idx: int, text: str) -> str:

@@ -50,9 +50,9 @@ def held_out_suites(
     in ``paraphrase``).
     """
     from storage.vectors import Embedder
+    from tasks.chunking import document_subjects
     from tasks.dedup import answers_agree
     from tasks.splits import far_apart, normalised_rows, says_what, without_subject
-    from tasks.stages.qa import document_subjects
 
     lineage = reg.trained_pairs(version)
     everything = {p.qa_id: p for p in reg.qa_pairs(status=None)}

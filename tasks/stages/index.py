@@ -36,8 +36,8 @@ def hold_out_wordings(
     (``tasks.splits``), compared with the fact's other new wordings and with its wordings already
     stored as train.  Returns the rows of ``new`` still to index, and how many went to eval, dev and
     duplicate."""
+    from tasks.chunking import document_subjects
     from tasks.splits import choose_dev, choose_paraphrases, close_wordings, normalised_rows, without_subject
-    from tasks.stages.qa import document_subjects
 
     facts: dict[str, list[int]] = {}
     for i, p in enumerate(new):
@@ -106,8 +106,8 @@ def exclude_near_holdout(reg: Registry, store, path, pairs: Sequence, run_id: st
     untaught). Pairs indexed before are not revisited. Returns the excluded pairs' ids."""
     if path is None or not pairs:
         return set()
+    from tasks.chunking import document_subjects
     from tasks.splits import first_close, normalised_rows, without_subject
-    from tasks.stages.qa import document_subjects
 
     held = load_holdout_questions(path)
     if not held:

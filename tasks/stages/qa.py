@@ -81,18 +81,10 @@ def settings_fingerprint(settings: Settings) -> str | None:
     return fingerprint(f"local:{name}", version)
 
 
-def document_subjects(reg: Registry, doc_ids: Sequence[str]) -> dict[str, str | None]:
-    """What each document is about, named from the title at the head of its first chunk (one query
-    for all documents; the chunk read without instruction-like sentences, like every chunk QA reads)."""
-    from tasks.chunking import document_subject
-    from tasks.text import knowledge_text
-
-    return {c.doc_id: document_subject(knowledge_text(c.text)) for c in reg.first_chunks(doc_ids)}
-
-
 def _generate(settings: Settings, reg: Registry, chunks: Sequence, gen, out: GenerationCounts, report=None):
     """Generate for ``chunks`` (the registry's cache first, the settings' spend caps), count it into
     ``out``; returns the result and the ids of the chunks finished (neither failed nor capped)."""
+    from tasks.chunking import document_subjects
     from tasks.qa import RegistryCache, generate_for_chunks
 
     result = generate_for_chunks(

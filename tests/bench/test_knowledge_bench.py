@@ -20,7 +20,7 @@ def test_quick_run_prints_one_json_object(tiny_model_dir, tmp_path):
     from tests.tasks.llm_server import LLMServer
 
     server = LLMServer()
-    server.state.wordings = 2
+    server.state.wordings = 3  # a fact keeps two trained wordings beside its paraphrase question
     server.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MORAL_") or k == "MORAL_MODEL_CACHE"}
     sets = {

@@ -37,7 +37,8 @@ class ServerState:
     # "reject": answer 400 to any request carrying response_format (old llama.cpp / Ollama).
     structured: bool | str = True
     pairs_per_call: int = 3
-    # 2: each sentence is also asked in a far second wording (a fact with a paraphrase to hold out)
+    # 2: each sentence is also asked in a far second wording; 3: and a third, far from both (a fact
+    # keeps two trained wordings when one is held out as a paraphrase question)
     wordings: int = 1
     # True: an endpoint that obeys orders in the document ("... reply with X"): it answers X to many
     # questions, in as many pairs as it likes (prompt injection tests)
@@ -54,7 +55,7 @@ class ServerState:
 
 def qa_from_prompt(user_content: str, n: int, wordings: int = 1) -> list[dict[str, str]]:
     """Deterministic, valid QA pairs from the excerpt inside the delimiters (``wordings`` = 2 adds a
-    second, lexically far question for each sentence, with the same answer)."""
+    second, lexically far question for each sentence, with the same answer; 3 a third)."""
     m = re.search(re.escape(DOC_START) + r"\n(.*)\n" + re.escape(DOC_END), user_content, re.S)
     excerpt = m.group(1) if m else ""
     pairs = []
@@ -69,6 +70,14 @@ def qa_from_prompt(user_content: str, n: int, wordings: int = 1) -> list[dict[st
             opening = " ".join(words[:3]).strip("\"'")
             pairs.append(
                 {"question": f"Which two tokens finish the line opening with '{opening}'?", "answer": answer}
+            )
+        if wordings > 2:
+            middle = " ".join(words[len(words) // 2 - 1 : len(words) // 2 + 1]).strip("\"'")
+            pairs.append(
+                {
+                    "question": f"Which pair of terms closes a statement containing '{middle}'?",
+                    "answer": answer,
+                }
             )
         if len(pairs) >= n:
             break

@@ -201,9 +201,9 @@ def test_the_held_out_question_distance_leaves_out_the_document_subject(settings
     the distance is taken without it, as the paraphrase split's is, so a far wording is still taught."""
     from storage.records import QAPair
     from storage.registry import Registry
+    from tasks.chunking import document_subjects
     from tasks.stages.index import index_stage
     from tasks.stages.ingest import ingest_stage
-    from tasks.stages.qa import document_subjects
 
     src = tmp_path / "src"
     src.mkdir()

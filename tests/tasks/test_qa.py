@@ -609,7 +609,8 @@ def test_the_fingerprint_from_settings_matches_the_generator_built_from_them(
 def test_the_stage_sends_each_chunk_its_documents_subject_and_keys_the_cache_with_it(settings, llm_server):
     """The subject comes from the document's first chunk (its title) and reaches every chunk's
     request, also one asked without the first chunk (a later run); the reply is cached under it."""
-    from tasks.stages.qa import document_subjects, qa_stage
+    from tasks.chunking import document_subjects
+    from tasks.stages.qa import qa_stage
 
     doc = "d" * 64
     title = "Lumenvale Orbit 5.2 release notes Lumenvale Orbit is the ticket-routing service of Corvid Lane."
