@@ -197,18 +197,22 @@ class CorpusMixin(Database):
             event(con, "quarantine.retry", actor=actor, detail=detail)
             return entries
 
-    def texts_used_elsewhere(self, texts: Iterable[str], doc_ids: Sequence[str]) -> set[str]:
-        """Which of ``texts`` a chunk of a document outside ``doc_ids`` also has (any status)."""
+    def texts_used_elsewhere(self, texts: Iterable[str], doc_ids: Sequence[str]) -> dict[str, set[str]]:
+        """Which of ``texts`` a chunk of a document outside ``doc_ids`` also has (any status), with
+        the ids of those documents."""
         wanted = list(dict.fromkeys(texts))
         if not wanted:
-            return set()
+            return {}
         with self.transaction() as con:
             rows = con.execute(
-                "SELECT DISTINCT text FROM chunks WHERE list_contains(?::VARCHAR[], text) "
+                "SELECT DISTINCT text, doc_id FROM chunks WHERE list_contains(?::VARCHAR[], text) "
                 "AND NOT list_contains(?::VARCHAR[], doc_id)",
                 [wanted, list(doc_ids)],
             ).fetchall()
-        return {r[0] for r in rows}
+        out: dict[str, set[str]] = {}
+        for text, doc_id in rows:
+            out.setdefault(text, set()).add(doc_id)
+        return out
 
     def cache_models(self) -> list[tuple[str | None, str | None]]:
         """Distinct (model, prompt_version) of the LLM cache rows: what cache keys can be made of."""

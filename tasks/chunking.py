@@ -123,13 +123,18 @@ def document_subject(first_chunk: str, max_words: int = 8) -> str | None:
     return ("the " if article else "") + " ".join(run[i:j])
 
 
-def document_subjects(reg: Registry, doc_ids: Sequence[str]) -> dict[str, str | None]:
+def document_subjects(
+    reg: Registry, doc_ids: Sequence[str], status: str | None = "active"
+) -> dict[str, str | None]:
     """What each document is about (:func:`document_subject`), from the head of its first chunk (one
     query for all documents; the chunk read without instruction-like sentences, like every chunk QA
-    reads). The QA stage names it in questions; the hold-outs leave it out of their distances."""
+    reads). The QA stage names it in questions; the hold-outs leave it out of their distances, with
+    ``status=None`` for retired versions of a document too."""
     from tasks.text import knowledge_text
 
-    return {c.doc_id: document_subject(knowledge_text(c.text)) for c in reg.first_chunks(doc_ids)}
+    return {
+        c.doc_id: document_subject(knowledge_text(c.text)) for c in reg.first_chunks(doc_ids, status=status)
+    }
 
 
 def make_chunk_id(doc_id: str, idx: int, text: str) -> str:

@@ -49,30 +49,37 @@ def purge_document(reg: Registry, settings: Settings, path: str) -> dict:
     leaves the registry intact, so the purge can simply be repeated), then chunks, pairs, failures,
     quarantine entries and its LLM cache rows in one registry transaction (one audit event).
 
-    Cache rows are keyed by chunk text; a text that another document also has keeps its row, since
-    that document's pairs came from the same reply.
+    Cache rows are keyed by chunk text and document subject; a row that another document would
+    read too (the same text under the same subject, or with none) stays, since that document's
+    pairs came from the same reply.
     """
     from storage.vectors import CHUNKS, QA_PAIRS, VectorStore
-    from tasks.chunking import document_subject
+    from tasks.chunking import document_subjects
     from tasks.qa import cache_keys_ever
-    from tasks.text import knowledge_text
 
     docs = match_documents(reg, path)
     if not docs:
         raise ValueError(f"no document recorded at {path} (see `moral qa list --json` for paths)")
     doc_ids = sorted({d.doc_id for d in docs})
     texts = {c.text for doc_id in doc_ids for c in reg.chunks(doc_id=doc_id, status=None)}
-    texts -= reg.texts_used_elsewhere(texts, doc_ids)
+    elsewhere = reg.texts_used_elsewhere(texts, doc_ids)
     # Replies are keyed with the document's subject too, named from a first chunk (any version's).
-    subjects = {document_subject(knowledge_text(c.text)) for c in reg.first_chunks(doc_ids, status=None)}
-    keys = sorted(
-        {
-            k
-            for model, version in reg.cache_models()
-            for text in texts
-            for k in cache_keys_ever(text, model or "", version or "", subjects)
-        }
-    )
+    subjects = set(document_subjects(reg, doc_ids, status=None).values())
+    others = document_subjects(reg, sorted({d for ids in elsewhere.values() for d in ids}), status=None)
+    models = reg.cache_models()
+    keys = {
+        k
+        for model, version in models
+        for text in texts
+        for k in cache_keys_ever(text, model or "", version or "", subjects)
+    }
+    keys -= {
+        k
+        for model, version in models
+        for text, ids in elsewhere.items()
+        for k in cache_keys_ever(text, model or "", version or "", {others.get(d) for d in ids})
+    }
+    keys = sorted(keys)
     store = VectorStore(settings)
     where = {"doc_id": {"$in": doc_ids}}
     vectors = store.count(CHUNKS, where) + store.count(QA_PAIRS, where)

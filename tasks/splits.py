@@ -65,50 +65,65 @@ def choose_dev(
 ) -> list[int]:
     """Rows to hold out as ``dev``: for the ``frac`` share of facts (by hash, not in ``skip``: facts
     with a paraphrase or an unseen eval question) that keep at least one trained wording, the
-    wording least like the fact's other new wordings (lowest maximum cosine; ties by hash)."""
+    wording least like the fact's other new wordings (lowest maximum cosine; ties by hash) among
+    those that say what they ask (:func:`says_what`; ``questions`` with the subject taken out)."""
     chosen: list[int] = []
     for fact, rows in sorted(facts.items()):
         if fact in skip or len(rows) < 2 or _unit("dev-fact", fact) >= frac:
+            continue
+        speaking = [r for r in rows if says_what(questions[r])]  # "What is it?" is least like all
+        if not speaking:
             continue
 
         def closeness(r: int, rows: list[int] = rows) -> tuple[float, str]:
             rest = [i for i in rows if i != r]
             return float(np.max(emb[rest] @ emb[r])), stable_hash("dev", questions[r])
 
-        chosen.append(min(rows, key=closeness))
+        chosen.append(min(speaking, key=closeness))
     return chosen
 
 
-def without_subject(question: str, subject: str | None) -> str:
-    """The question with its document's subject (``tasks.chunking.document_subject``) taken out, for
-    the distance between wordings: every wording of a fact names the same subject, so it says
-    nothing of how far two wordings are ("How long are closed tickets kept in Lumenvale Orbit 5.2?"
-    -> "How long are closed tickets kept?", "When is the Sandrel Botanic Garden open?" -> "When is
-    it open?"). Unchanged when the subject is None or not named."""
-    if not subject:
+def _subject_words(subject: str | Collection[str | None] | None) -> list[str]:
+    """The name words of one subject or several (a document's versions may be titled differently):
+    the capitalised words and numbers, "the" and the joining "of" / "and" left out."""
+    subjects = [subject] if isinstance(subject, str) else [x for x in subject or () if x]
+    words = {w.rstrip(".:,") for x in subjects for w in x.split()}
+    return sorted((w for w in words if w[:1].isupper() or w[:1].isdigit()), key=lambda w: (-len(w), w))
+
+
+def without_subject(question: str, subject: str | Collection[str | None] | None) -> str:
+    """The question with its document's subject (``tasks.chunking.document_subject``; or the subjects
+    of all its versions) said as "it", for the distance between wordings: every wording of a fact
+    names the same subject, so it says nothing of how far two wordings are. Any run of the subject's
+    name words, in any case and any order, is one mention ("the Quillfeather Q7", "the Q7", "the
+    Sandrel garden", "Lumenvale Orbit" without its "5.2"), so a shortened name on one side and the
+    full one on the other come out the same: "How long are closed tickets kept in Lumenvale Orbit
+    5.2?" -> "How long are closed tickets kept in it?", "Who is the Brindlemoor Water Board's chief
+    executive?" -> "Who is its chief executive?". Unchanged when there is no subject or none of
+    its words is there."""
+    words = _subject_words(subject)
+    if not words:
         return question
-    name = subject[4:] if subject.startswith("the ") else subject
-    pattern = rf"(?:\s+(?:in|at|of|for)\s+)?(?:\bthe\s+)?{re.escape(name)}(?:'s|’s)?(?![\w-])"
-    m = re.search(pattern, question, flags=re.I)
-    if m is None:
-        return question
-    rest = question[m.end() :]
-    if re.fullmatch(r"\s*[?.!]?\s*", rest):  # "... kept in Lumenvale Orbit 5.2?": the tail goes
-        return question[: m.start()].rstrip() + rest.strip()
-    gap = " " if m.group(0)[:1].isspace() else ""
-    pronoun = "its" if m.group(0).endswith(("'s", "’s")) else "it"  # "the Board's chief": "its chief"
-    return question[: m.start()] + gap + pronoun + rest
+    word = "(?:" + "|".join(re.escape(w) for w in words) + ")"
+    run = rf"(?<![\w.-])(?:the\s+)?{word}(?:(?:\s+(?:of|and|&))?\s+{word})*(?P<poss>['’]s|['’](?=\s))?(?![\w-]|\.\d)"
+
+    def say_it(m: re.Match) -> str:
+        return "its" if m.group("poss") else "it"
+
+    return re.sub(run, say_it, question, flags=re.I)
 
 
 #: Words that say nothing of what a question asks about ("Can you tell me ...", "What's ...").
-_FILLER = frozenset({"tell", "know", "s", "please", "wonder"})
+_FILLER = frozenset(
+    {"tell", "know", "s", "please", "wonder", "many", "much", "number", "known", "called", "named", "name"}
+)
 
 
 def says_what(question: str) -> bool:
     """Whether a wording, its document's subject taken out (:func:`without_subject`), still says what
-    it asks about: a content word besides filler. "What is the Marrowby Rail Depot?" -> "What is?"
-    says nothing and is far from every other wording only because it is empty, so it is never held
-    out as a paraphrase question; "How fast is it?" says "fast" and may be."""
+    it asks about: a content word besides filler. "What is the Marrowby Rail Depot?" -> "What is
+    it?" or "How many does it have?" say nothing and are far from every other wording only because
+    they are empty, so they are never held out; "How fast is it?" says "fast" and may be."""
     return bool(content_words(question) - _FILLER)
 
 

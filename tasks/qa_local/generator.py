@@ -21,12 +21,13 @@ A chunk may not name what its document is about ("The default retention period f
 now 540 days"): each kept wording that names nothing of its own then names the document's subject
 ("How long are closed tickets kept in Lumenvale Orbit 5.2?", `checks.situated`).
 
-One file (~530 lines): the generator class and its prompts are one concept; the rules it applies
+One file (~550 lines): the generator class and its prompts are one concept; the rules it applies
 are in the package's other modules.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -60,7 +61,7 @@ from tasks.text import normalize_answer, normalize_question
 # v8: a wording that names nothing of its own is tied to the document's subject ("How long are closed
 #     tickets kept in Lumenvale Orbit 5.2?"; the subject comes with each chunk, see `generate_many`).
 # v9: a wording that asks about nothing but the subject ("What is the Marrowby Rail Depot?" for
-#     "26 trains") is dropped.
+#     "26 trains") is dropped; "Where is it?" says what it wants by its question word and stays.
 LOCAL_PROMPT_VERSION = "local-qg-v9"
 
 
@@ -532,15 +533,22 @@ def _situate(questions: list[str], cand: Candidate, text: str, subject: str) -> 
     answer, or would leak one of its numbers) stays as it was. The subject counts as the chunk's
     text for grounding: its number ("5.2") is the title's, not invented. A wording that asks about
     nothing but the subject ("What is the Marrowby Rail Depot?" for "26 trains",
-    `tasks.splits.says_what`) is dropped: it does not say what it asks."""
+    `tasks.splits.says_what`) is dropped: it does not say what it asks ("Where is the depot?" for a
+    place says it by its question word; it is trained, never held out)."""
     grounds = f"{text}\n{subject}"
     out: list[str] = []
     for q in questions:
         s = situated(q, subject)
         if s is not None and check_question(s, cand, grounds, derived=True) is None:
             q = s
-        if not says_what(without_subject(q, subject)):
+        if _asks_nothing(without_subject(q, subject)):
             continue
         if normalize_question(q) not in {normalize_question(o) for o in out}:
             out.append(q)
     return out
+
+
+def _asks_nothing(bare: str) -> bool:
+    """A wording, its subject out, with no content word and no question word that says what kind of
+    answer it wants ("What is it?" for "26 trains"; not "Where is it?", "When did it open?")."""
+    return not says_what(bare) and re.search(r"\b(?:where|when|who)\b", bare, re.I) is None

@@ -38,8 +38,10 @@ def held_out_suites(
     re-checked against every pair any version was trained on (``tasks.splits``):
 
     * an eval question is scored only when it is far (Jaccard ≤ 0.5 and cosine ≤ 0.85) from every
-      trained question of its document, under any of the document's versions (same path): a closer
-      one is dropped, never scored, whatever fact it was filed under;
+      trained question of its document, under any of the document's versions (same path), the
+      subject of every version said as "it" on both sides (``tasks.splits.without_subject``): a
+      closer one is dropped, never scored, whatever fact it was filed under; so is one that says
+      nothing once the subject is out (``says_what``: "What is it?");
     * ``paraphrase`` — the rest whose fact was trained (same fact id, or a trained pair of the same
       document whose answer agrees);
     * ``unseen`` — the rest, facts no trained pair asks about;
@@ -71,12 +73,16 @@ def held_out_suites(
     if not candidates:
         return out
     paths = {path_of.get(p.doc_id, p.doc_id) for p in candidates}
-    # Distances leave out the document's subject, which every wording of its facts names.
+    # Distances leave out the document's subject, which every wording of its facts names: the
+    # subjects of all versions of its path (an edited title names it anew; retired versions count).
     near = [t for x in paths for t in by_path.get(x, [])]
-    subject = document_subjects(reg, sorted({p.doc_id for p in [*candidates, *near]}))
+    subject = document_subjects(reg, sorted({p.doc_id for p in [*candidates, *near]}), status=None)
+    subjects_of: dict[str, set] = {}
+    for doc_id, name in subject.items():
+        subjects_of.setdefault(path_of.get(doc_id, doc_id), set()).add(name)
 
     def bare(p) -> str:
-        return without_subject(p.question, subject.get(p.doc_id))
+        return without_subject(p.question, subjects_of.get(path_of.get(p.doc_id, p.doc_id)))
 
     texts = sorted({bare(p) for p in candidates} | {bare(t) for t in near})
     row = {t: i for i, t in enumerate(texts)}
@@ -84,7 +90,7 @@ def held_out_suites(
     for p in candidates:
         same_doc = by_path.get(path_of.get(p.doc_id, p.doc_id), [])
         if not says_what(bare(p)):
-            continue  # "What is?" (subject out) is far from everything only because it says nothing
+            continue  # "What is it?" (subject out) is far from everything only because it says nothing
         if not far_apart(bare(p), [bare(t) for t in same_doc], emb[row[bare(p)]],
                          emb[[row[bare(t)] for t in same_doc]] if same_doc else None):  # fmt: skip
             continue

@@ -48,7 +48,7 @@ def hold_out_wordings(
     new_ids = {p.qa_id for p in new}
     old = [p for p in known if p.fact_id in facts and p.split == "train" and p.qa_id not in new_ids]
     # Distances between wordings leave out the document's subject, which every wording names.
-    subject = document_subjects(reg, sorted({p.doc_id for p in [*new, *old]}))
+    subject = document_subjects(reg, sorted({p.doc_id for p in [*new, *old]}), status=None)
 
     def bare(p) -> str:
         return without_subject(p.question, subject.get(p.doc_id))
