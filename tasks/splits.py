@@ -21,8 +21,11 @@ checkpoint (nothing to choose by) and a tenth of every document's facts went unt
 as ``dev`` that way stay ``dev``.
 
 The thresholds are fixed here on purpose: loosening them would turn "held out" into "reworded by a
-word".  The evaluation re-checks them against every pair actually trained (``paraphrase_ok``), so a
-later refresh that trains a close wording of an eval question drops that question from the suite.
+word".  The evaluation re-checks them against every pair actually trained
+(``tasks.stages.evaluate.held_out_suites``), so a later refresh that trains a close wording of an
+eval question drops that question from the suite.  Every distance is taken with the document's
+subject said as "it" on both sides (:func:`without_subject`): the local generator names the subject
+in every wording that names nothing of its own, and a shared name is no closeness of wording.
 """
 
 from __future__ import annotations
