@@ -116,13 +116,19 @@ def exclude_near_holdout(reg: Registry, store, path, pairs: Sequence, run_id: st
     by_doc: dict[str, list] = {}
     for p in pairs:
         by_doc.setdefault(p.doc_id, []).append(p)
+    # Each document's questions and the held-out ones with its subject said as "it": every distinct
+    # text is embedded once, in one call (most held-out questions name no subject and do not change).
+    bare = {
+        d: ([without_subject(p.question, subject.get(d)) for p in mine], [without_subject(h, subject.get(d)) for h in held])
+        for d, mine in by_doc.items()
+    }  # fmt: skip
+    texts = sorted({t for qs, hs in bare.values() for t in (*qs, *hs)})
+    row = {t: i for i, t in enumerate(texts)}
+    emb = normalised_rows(store.embedder.encode(texts))
     near: dict[str, str] = {}
     for doc_id, mine in sorted(by_doc.items()):
-        subj = subject.get(doc_id)
-        qs = [without_subject(p.question, subj) for p in mine]
-        hs = [without_subject(h, subj) for h in held]
-        emb = normalised_rows(store.embedder.encode(qs + hs))
-        hits = first_close(qs, emb[: len(qs)], hs, emb[len(qs) :])
+        qs, hs = bare[doc_id]
+        hits = first_close(qs, emb[[row[t] for t in qs]], hs, emb[[row[t] for t in hs]])
         near.update({p.qa_id: held[j] for p, j in zip(mine, hits, strict=True) if j is not None})
     if near:
         reg.exclude_pairs(
