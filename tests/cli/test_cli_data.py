@@ -286,3 +286,59 @@ def test_read_commands_on_an_empty_data_home(settings, capsys):
     assert json_out(capsys, ["quarantine", "list", "--json"]) == []
     assert main(["docs", "purge", "x.md"]) == 1
     assert "run `moral refresh` first" in capsys.readouterr().err
+
+
+def test_purge_keeps_the_reply_a_document_with_the_same_subject_reads_and_drops_its_own(
+    settings: Settings, llm_endpoint, tmp_path: Path, capsys
+):
+    """Replies are cached under the chunk's text *and* its document's subject. Two documents with
+    one title share their first chunk: purging one keeps that reply (the other reads it under the
+    same subject) and deletes the replies only the purged document's chunks were keyed by."""
+    from tasks.chunking import document_subjects
+    from tasks.qa import cache_keys_ever
+
+    head = (
+        "Lumenvale Orbit 5.2 release notes\n\n"
+        "Lumenvale Orbit is the ticket-routing service of Corvid Lane and runs in four regions. "
+        "The default retention period for closed tickets is now 540 days in every region. "
+        "Search indexes are rebuilt every night at two in the morning local time. "
+        "Agents can now merge duplicate tickets from the queue view without a supervisor. "
+    )
+    tails = {
+        "a.md": "The routing engine was rewritten in a memory-safe language during the spring of this "
+        "year so that a malformed ticket can no longer stop the whole queue for every customer.",
+        "b.md": "Audit exports now include the agent who closed each ticket and the reason they gave, "
+        "so a compliance reviewer can trace every decision without opening the ticket itself.",
+    }
+    src = tmp_path / "docs"
+    src.mkdir()
+    for name, tail in tails.items():
+        (src / name).write_text(head + tail)
+    ingest_stage(settings, src, "run-1")
+    gen = OpenAIQAGenerator(llm_endpoint.base_url, "sk-test", "loopback", timeout_s=5)
+    qa_stage(settings, "run-1", generator=gen)
+    index_stage(settings, "run-1")
+
+    reg = Registry(settings.registry_path)
+    docs = {Path(d.path).name: d.doc_id for d in reg.documents()}
+    assert set(document_subjects(reg, list(docs.values())).values()) == {"Lumenvale Orbit 5.2"}
+    texts = {name: [c.text for c in reg.chunks(doc_id=d)] for name, d in docs.items()}
+    shared = set(texts["a.md"]) & set(texts["b.md"])
+    own = set(texts["a.md"]) - shared
+    assert shared and own  # the precondition: one chunk in common, one of a's own
+
+    def keys(chunk_texts: set[str]) -> set[str]:
+        return {
+            k
+            for t in chunk_texts
+            for k in cache_keys_ever(t, "loopback", gen.prompt_version, ["Lumenvale Orbit 5.2"])
+        }
+
+    stored = lambda ks: set(reg.cache_get_many(sorted(ks)))  # noqa: E731
+    owned = stored(keys(own))
+    assert stored(keys(shared)) and owned
+    out = json_out(capsys, ["docs", "purge", str(src / "a.md"), "--json"])
+    assert out["documents"] == 1 and out["llm_cache"] == len(owned)
+    assert stored(keys(own)) == set()  # only a.md's chunks read these
+    assert stored(keys(shared))  # b.md still reads the shared chunk's reply under its subject
+    assert reg.chunks(doc_id=docs["b.md"]) and reg.qa_pairs(doc_id=docs["b.md"])
