@@ -81,6 +81,12 @@ _NAME_WORD = re.compile(r"[A-Z][\w'’&.-]*|\d[\w./-]*")
 _YEAR = re.compile(r"(?:19|20)\d\d")
 
 
+#: Bump when :func:`document_subject` names other subjects: questions name the subject, so the
+#: chunks asked under the old rule are then on another fingerprint (``moral qa regenerate``; the
+#: cache is keyed by the subject itself, so an unchanged subject's reply is still read).
+SUBJECT_RULE = "subject-1"
+
+
 def document_subject(first_chunk: str, max_words: int = 8) -> str | None:
     """The name a document is about, from its title at the head of its first chunk (chunking joins
     the title line onto the first sentence): "Lumenvale Orbit 5.2 release notes Lumenvale Orbit is
@@ -98,10 +104,12 @@ def document_subject(first_chunk: str, max_words: int = 8) -> str | None:
     run: list[str] = []
     for word in words[:max_words]:
         bare = word.rstrip(":,")
+        if bare[:1].isdigit():
+            bare = bare.rstrip(".")  # "Orbit 5.2. Release notes": the full stop is not the version's
         if word in ("The", "A", "An") or not _NAME_WORD.fullmatch(bare):
             break
         run.append(bare)
-        if bare != word:  # "Brindlemoor Water Board:" ends the name
+        if bare != word:  # "Brindlemoor Water Board:" and "Orbit 5.2." end the name
             break
     body = " ".join(words[len(run) :])
     best: tuple[int, int] | None = None

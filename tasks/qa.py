@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from storage.failpoints import failpoint
 from storage.records import QAPair, fact_id_for
-from tasks.chunking import split_sentences
+from tasks.chunking import SUBJECT_RULE, split_sentences
 from tasks.splits import fact_split
 from tasks.text import (
     knowledge_text,
@@ -266,11 +266,12 @@ CHECKS_VERSION = "checks-v1"
 
 def fingerprint(model_id: str, prompt_version: str) -> str:
     """What a chunk's pairs depend on besides its text: the generator's model, its prompt and
-    settings (``prompt_version``: facts per chunk, wordings per fact) and the checks that keep pairs.
+    settings (``prompt_version``: facts per chunk, wordings per fact), the checks that keep pairs
+    and the rule that names the document's subject in its questions (``SUBJECT_RULE``).
     Recorded per chunk; a chunk on another fingerprint was generated another way (counted by the
     refresh, renewed by ``moral qa regenerate``). The cache key is a part of it, so a chunk whose
     prompt and model did not change is regenerated from the cache without a call."""
-    return f"{model_id}|{prompt_version}|{CHECKS_VERSION}"
+    return f"{model_id}|{prompt_version}|{CHECKS_VERSION}|{SUBJECT_RULE}"
 
 
 def generator_fingerprint(generator: Any) -> str:

@@ -93,6 +93,9 @@ def test_document_subject_is_the_titles_name_that_the_body_repeats():
         )
         == "Lumenvale Orbit 5.2"
     )  # the version after the name stays, the genre words go
+    assert document_subject("Lumenvale Orbit 5.2. Release Notes Lumenvale Orbit routes tickets.") == (
+        "Lumenvale Orbit 5.2"
+    )  # a full stop after the version ends the name and is not part of it
     assert (
         document_subject(
             "Ardwick Libraries Ardwick Central Library: Makerspace Rules The Ardwick Central Library opened ..."
