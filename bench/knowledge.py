@@ -28,6 +28,8 @@ metric (``tasks.metrics.strict_recall``).  One JSON object is printed on stdout:
   far from every trained question by both paraphrase thresholds (``tasks.splits``). ``--keep-out``
   excludes generated wordings close to a hand-written question before training
   (``MORAL_HOLDOUT_QUESTIONS``), so every trained-fact question is asked in words never trained;
+* ``base.open_best_prompt`` — the base model open-book with each of a few system prompts
+  (``BASE_OPEN_PROMPTS``): its best prompt, chosen on ``tune``, is what open-book is compared with;
 * ``seconds`` — QA, training and evaluation wall time.
 
     .venv/bin/python bench/knowledge.py                        # the full run (see BENCHMARKS.md)
@@ -35,6 +37,7 @@ metric (``tasks.metrics.strict_recall``).  One JSON object is printed on stdout:
     .venv/bin/python bench/knowledge.py --quick                 # smoke run (tests): part 1 only, tiny sizes
     .venv/bin/python bench/knowledge.py --seeds 3               # repeat training with seeds 0, 1, 2
     .venv/bin/python bench/knowledge.py --arms moral --parts 1  # part 1 only: a fast loop, read on tune
+    .venv/bin/python bench/knowledge.py --base-prompts DIR/moral-seed0  # the base model's prompts only
 
 One file (~640 lines) because it is one script read top to bottom: the pipeline arms, the asking
 through `moral serve`, the scoring and the JSON report share its constants and helpers.
@@ -244,17 +247,20 @@ def served(env: dict[str, str], timeout_s: float = 300.0) -> Iterator[str]:
 REFUSED: dict[str, int] = {}
 
 
-def ask_all(base_url: str, model: str, questions: Sequence[str], open_book: bool) -> list[str]:
+def ask_all(
+    base_url: str, model: str, questions: Sequence[str], open_book: bool, system: str | None = None
+) -> list[str]:
     from openai import BadRequestError, OpenAI
 
     client = OpenAI(base_url=base_url, api_key=os.environ.get("MORAL_SERVE_API_KEY") or "unused", timeout=120)
     extra = {"moral": {"open_book": True, "k": 3}} if open_book else None
+    head = [{"role": "system", "content": system}] if system else []
     answers = []
     for q in questions:
         try:
             reply = client.chat.completions.create(
                 model=model,
-                messages=[{"role": "user", "content": q}],
+                messages=[*head, {"role": "user", "content": q}],
                 max_tokens=MAX_TOKENS,
                 temperature=0,
                 stop=["\n"],  # strict recall reads the first line only
@@ -347,6 +353,39 @@ def ask_suite(
         answers = ask_all(url, model, texts, open_book)
         out[mode] = {"scores": grouped(questions, answers, seen, far), "answers": answers}
     return out
+
+
+#: System prompts the base model is also asked open-book with: the issue compares open-book recall
+#: with *the base model's best prompt* (the pipeline's own prompt has no system turn, and the base
+#: model answers it in whole sentences). The prompt with the best ``tune`` recall is the base
+#: model's score; ``report`` is read off that prompt, never chosen on.
+BASE_OPEN_PROMPTS: dict[str, str | None] = {
+    "default": None,
+    "short": "Answer with the answer only: a few words, a number with its unit, or a name. "
+    "Never write a full sentence.",
+    "span": "Reply with the exact words from the passages that answer the question, and nothing else.",
+}
+
+
+def ask_base_open(
+    url: str,
+    questions: Sequence[dict],
+    seen: set[str] | None = None,
+    far: set[str] | None = None,
+    default_answers: Sequence[str] | None = None,
+) -> dict:
+    """The base model asked open-book with each of :data:`BASE_OPEN_PROMPTS` (the default prompt's
+    answers reused when given); its best prompt chosen on ``tune``."""
+    texts = [q["question"] for q in questions]
+    by_prompt = {}
+    for name, system in BASE_OPEN_PROMPTS.items():
+        if system is None and default_answers is not None:
+            answers = list(default_answers)
+        else:
+            answers = ask_all(url, "moral-refresh@base", texts, True, system=system)
+        by_prompt[name] = grouped(questions, answers, seen, far)
+    best = max(by_prompt, key=lambda n: by_prompt[n]["tune"]["all"]["value"] or 0.0)
+    return {"chosen_on_tune": best, "scores": by_prompt[best], "by_prompt": by_prompt}
 
 
 def measured(settings: Settings) -> dict:
@@ -539,6 +578,8 @@ def run_arm(
             for m in ("closed", "open")
         }
         base = ask_suite(url, "moral-refresh@base", questions, seen, far) if ask_base else None
+        if base is not None:
+            base["open_best"] = ask_base_open(url, questions, seen, far, base["open"]["answers"])
     out["similarity"] = similarity(near)
     if not quick and n_parts == len(PARTS):
         for f in sorted((CORPUS / "docs" / "edited").iterdir()):
@@ -571,6 +612,28 @@ def run_arm(
     return {"arm": out, "base": base}
 
 
+def base_prompts_on(home: Path, corpus: dict, quick: bool = False) -> dict:
+    """:func:`ask_base_open` against a finished arm's data home (``--base-prompts``; with ``--quick``
+    part 1's tune questions only)."""
+    env = {**os.environ, "MORAL_HOME": str(home)}  # the caller's settings (its base model) otherwise
+    settings = settings_from(env)
+    edited = {q["fact_id"] for q in corpus["edit_questions"]}
+    asked = selected(corpus["questions"], len(PARTS), quick)
+    questions = [q for q in asked if q["fact_id"] not in edited]
+    seen = trained_facts(settings, corpus["facts"])
+    far = far_questions(nearest(settings, questions))
+    started = time.perf_counter()
+    try:
+        with served(env) as url:
+            out = ask_base_open(url, questions, seen, far)
+    finally:
+        from storage.chroma_server import stop_chroma_server
+
+        stop_chroma_server(settings)
+    return {"home": str(home), "left_out_edited": len(asked) - len(questions),
+            "seconds": round(time.perf_counter() - started, 1), **out}  # fmt: skip
+
+
 def lifelong_ratio(at_promotion: dict, after: dict) -> dict:
     a, b = at_promotion.get("value"), after.get("value")
     return {"at_promotion": a, "after_three_refreshes": b, "ratio": None if not a else round(b / a, 3)}
@@ -598,8 +661,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="MORAL_X=V", help="a setting for every arm (repeatable)"
     )
+    parser.add_argument(
+        "--base-prompts",
+        type=Path,
+        metavar="HOME",
+        help="only ask the base model open-book with each of BASE_OPEN_PROMPTS, retrieving from the "
+        "data home of a finished arm (--work DIR/moral-seed0); questions about the facts the edit "
+        "changed are left out (the home's index holds the new values by then)",
+    )
     args = parser.parse_args(argv)
     apply_runtime_env()
+    if args.base_prompts:
+        print(json.dumps(base_prompts_on(args.base_prompts, load_corpus(), args.quick), indent=1))
+        return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if unknown := set(arms) - set(ARMS):
         parser.error(f"unknown arms: {sorted(unknown)}")
@@ -625,7 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 result["arms"].setdefault(arm, []).append(got["arm"])
                 if got["base"] is not None:
+                    best = got["base"].pop("open_best")
                     result["base"] = {m: v["scores"] for m, v in got["base"].items()}
+                    result["base"]["open_best_prompt"] = best
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
